@@ -1,0 +1,386 @@
+"""The typed configuration tree of a training job.
+
+A job is a YAML file (see jobs/) whose sections mirror the frozen dataclasses below. Every option
+and its default lives here, once. `load_config(path, overrides)` reads a job, applies repeatable
+`--set dotted.key=value` overrides (parsed to the field's type) and validates the result; any
+problem raises `ConfigError` with the dotted key path, which the entry points print as one line
+and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ARCH_FLAGS = ("leaky_relu", "strided_conv", "conv_transpose", "batch_norm", "residual")
+VGG19_LAYERS = tuple(
+    f"block{b}_conv{c}" for b, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4)) for c in range(1, n + 1)
+)
+
+
+class ConfigError(ValueError):
+    """A job configuration problem a user can fix; the message names the key path."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "samples" (photos bundled with scikit-image / scikit-learn), a shard dataset built by
+    # `python -m srtrain.data build` (local directory or s3://bucket/prefix), or an image folder.
+    source: str = "samples"
+    train_split: str = "train"
+    val_split: str = "val"
+    # HR patch side for training; the LR input is patch_size / scale.
+    patch_size: int = 96
+    # HR center-crop side for validation; 0 means patch_size.
+    val_patch_size: int = 0
+    # Images per replica per step; the global batch is batch_size x replicas.
+    batch_size: int = 8
+    # Cap on validation images (0: all of the split).
+    val_images: int = 0
+    shuffle_buffer: int = 512
+    # Keep decoded training records on local disk after the first epoch (shard sources only).
+    cache: bool = False
+    # S3-compatible endpoint; empty means the AWS_ENDPOINT_URL environment variable or AWS itself.
+    endpoint_url: str = ""
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class DegradationConfig:
+    scale: int = 2
+    blur_kernel: int = 5
+    blur_sigma: float = 1.0
+    # Standard deviation of additive Gaussian noise on the 0-255 scale.
+    noise_sigma: float = 10.0
+    # Seed of the validation/test degradation: the same image always gives the same LR.
+    eval_seed: int = 1234
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["base", "advanced"] = "base"
+    filters: int = 64
+    # Each flag defaults to the arch: all off for base, all on for advanced.
+    leaky_relu: bool | None = None
+    strided_conv: bool | None = None
+    conv_transpose: bool | None = None
+    batch_norm: bool | None = None
+    residual: bool | None = None
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: Literal["mae", "composite"] = "mae"
+    # Weight of the perceptual term in MAE + alpha x perceptual.
+    alpha: float = 0.0
+    # VGG19 layer name -> weight inside the perceptual term.
+    perceptual_layers: dict[str, float] = field(default_factory=lambda: {"block5_conv4": 1.0})
+    # "imagenet" (Keras download and cache), a local .weights.h5/.h5 file, or an s3:// object.
+    vgg_weights: str = "imagenet"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50
+    steps_per_epoch: int = 100
+    # Validation batches per epoch (0: the whole validation split).
+    val_steps: int = 0
+    lr: float = 5e-4
+    # "linear" multiplies lr by global_batch / batch_size (the replica count).
+    lr_scaling: Literal["none", "linear"] = "none"
+    plateau_factor: float = 0.2
+    plateau_patience: int = 3
+    min_lr: float = 1e-6
+    # Epochs without a better val PSNR before stopping (0: never stop early).
+    early_stop_patience: int = 7
+    seed: int = 2077
+    # "auto": bf16 where the hardware has fast bf16 (AMX CPUs, Ampere+ GPUs), else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    jit: bool = False
+    # Also checkpoint every N steps inside an epoch (0: only at epoch ends).
+    checkpoint_every_steps: int = 0
+    # Recent checkpoints kept besides the best one.
+    keep_checkpoints: int = 2
+    # Validation images written to samples.png.
+    sample_images: int = 3
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    gpus_per_worker: int = 0
+    cpus_per_worker: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Run directory name under storage; empty: "<job name>-<UTC timestamp>".
+    name: str = ""
+    # Local directory or s3://bucket/prefix holding run directories (--output sets it).
+    storage: str = "runs"
+    # Worker failures Ray recovers from by restarting from the latest checkpoint.
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    # Tests only: the rank-1 worker (rank 0 with one worker) kills itself at this global step,
+    # once per run.
+    fail_at_step: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+
+# --- building from plain data -------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
+    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Checks `value` (from YAML) against the annotation `tp`; returns it in the field's type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{path}: got {value!r}, expected one of {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
+    if origin is dict:
+        ktp, vtp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
+        return {_coerce(k, ktp, path): _coerce(v, vtp, f"{path}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        where = path or "the job file"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{key_path}: unknown key (allowed: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], key_path)
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Builds and validates a Config from nested plain data (parsed YAML)."""
+    return _resolve(_build(Config, data, ""))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --- overrides ----------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key.strip()):
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. train.lr=1e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-3" as a string; the field's type decides, so try a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?[\d.]+e[-+]?\d+", value, re.I) else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Sets each dotted key in nested plain data (a copy); the Config build validates it."""
+    data = _deep_copy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if not isinstance(child, dict):
+                child = {}
+                node[k] = child
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    return data
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: job file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read job file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Reads a job YAML (None: all defaults), applies --set overrides, validates."""
+    data = read_yaml(path) if path else {}
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+_ARCH_DEFAULTS = {"base": False, "advanced": True}
+
+
+def _resolve(cfg: Config) -> Config:
+    """Fills arch-dependent defaults and checks every value; returns the resolved config."""
+    flags = {
+        k: _ARCH_DEFAULTS[cfg.model.arch] if getattr(cfg.model, k) is None else getattr(cfg.model, k)
+        for k in ARCH_FLAGS
+    }
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **flags))
+    _validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: got {value!r}, allowed: {allowed}")
+
+
+def _validate(cfg: Config) -> None:
+    d, g, m, lo, t, s, r = (
+        cfg.data, cfg.degradation, cfg.model, cfg.loss, cfg.train, cfg.scaling, cfg.run
+    )
+    _check(g.scale in (2, 3, 4), "degradation.scale", g.scale, "2, 3 or 4")
+    mult = 4 * g.scale
+    _check(d.patch_size >= mult and d.patch_size % mult == 0, "data.patch_size", d.patch_size,
+           f"a positive multiple of {mult} (4 x degradation.scale)")
+    _check(d.val_patch_size == 0 or (d.val_patch_size >= mult and d.val_patch_size % mult == 0),
+           "data.val_patch_size", d.val_patch_size, f"0 or a positive multiple of {mult}")
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
+    _check(d.val_images >= 0, "data.val_images", d.val_images, "an integer >= 0")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
+    _check(bool(d.source.strip()), "data.source", d.source,
+           "'samples', a shard dataset (local path or s3://bucket/prefix) or an image folder")
+    _check(g.blur_kernel >= 1 and g.blur_kernel % 2 == 1, "degradation.blur_kernel",
+           g.blur_kernel, "an odd integer >= 1")
+    _check(g.blur_sigma >= 0, "degradation.blur_sigma", g.blur_sigma, "a number >= 0")
+    _check(g.noise_sigma >= 0, "degradation.noise_sigma", g.noise_sigma, "a number >= 0 (0-255 scale)")
+    _check(m.filters >= 4, "model.filters", m.filters, "an integer >= 4")
+    _check(lo.alpha >= 0, "loss.alpha", lo.alpha, "a number >= 0")
+    if lo.kind == "composite":
+        _check(bool(lo.perceptual_layers), "loss.perceptual_layers", lo.perceptual_layers,
+               "at least one VGG19 layer")
+        _check(bool(lo.vgg_weights.strip()), "loss.vgg_weights", lo.vgg_weights,
+               "'imagenet', a local weights file or an s3:// object")
+    for name, w in lo.perceptual_layers.items():
+        _check(name in VGG19_LAYERS, f"loss.perceptual_layers.{name}", name,
+               "a VGG19 conv layer name, e.g. block2_conv2 or block5_conv4")
+        _check(w > 0, f"loss.perceptual_layers.{name}", w, "a weight > 0")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
+    _check(t.steps_per_epoch >= 1, "train.steps_per_epoch", t.steps_per_epoch, "an integer >= 1")
+    _check(t.val_steps >= 0, "train.val_steps", t.val_steps, "an integer >= 0")
+    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _check(0 < t.plateau_factor < 1, "train.plateau_factor", t.plateau_factor, "a number in (0, 1)")
+    _check(t.plateau_patience >= 1, "train.plateau_patience", t.plateau_patience, "an integer >= 1")
+    _check(0 < t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"a number in (0, train.lr={t.lr}]")
+    _check(t.early_stop_patience >= 0, "train.early_stop_patience", t.early_stop_patience,
+           "an integer >= 0 (0 disables early stopping)")
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
+           t.checkpoint_every_steps, "an integer >= 0")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
+    _check(t.sample_images >= 0, "train.sample_images", t.sample_images, "an integer >= 0")
+    _check(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
+    _check(s.gpus_per_worker >= 0, "scaling.gpus_per_worker", s.gpus_per_worker, "an integer >= 0")
+    _check(s.cpus_per_worker >= 1, "scaling.cpus_per_worker", s.cpus_per_worker, "an integer >= 1")
+    _check(r.name == "" or re.fullmatch(r"[\w.-]+", r.name) is not None, "run.name", r.name,
+           "letters, digits, '_', '-' and '.'")
+    _check(bool(r.storage.strip()), "run.storage", r.storage, "a local directory or s3://bucket/prefix")
+    _check(r.max_failures >= -1, "run.max_failures", r.max_failures, "an integer >= -1 (-1: forever)")
+    _check(cfg.debug.fail_at_step >= 0, "debug.fail_at_step", cfg.debug.fail_at_step, "an integer >= 0")
+
+
+def replace(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of a resolved config with --set style overrides applied and validated again."""
+    return from_dict(apply_overrides(to_dict(cfg), overrides))

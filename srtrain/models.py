@@ -1,0 +1,111 @@
+"""The two U-Nets of the original project, as one builder with five independent flags.
+
+`build_unet(...)` returns a fully convolutional Keras 3 functional model mapping an LR image
+(B, h, w, 3) in [0, 1], with h and w multiples of 4, to the HR estimate (B, scale*h, scale*w, 3).
+
+- Base (all flags off, 1,883,267 params at 64 filters): two 3x3 ReLU convs per level at
+  F / 2F / 4F filters, max-pooling down, bilinear upsampling up, concatenated skips, a final
+  bilinear x`scale` upsample and a 1x1 conv + sigmoid.
+- Advanced (all on, about 1,887,600): LeakyReLU(0.1) (`leaky_relu`), the first conv of each lower
+  level with stride 2 instead of max-pooling (`strided_conv`), a stride-2 Conv2DTranspose replacing
+  upsample + first decoder conv (`conv_transpose`), bias-free convs + BatchNormalization
+  (`batch_norm`), and an identity shortcut around the bottleneck's second conv (`residual`).
+  Each replacement keeps the parameter count, so the two archs differ only by BatchNorm.
+
+Only built-in layers are used, so a saved `model.keras` loads with plain `keras.saving.load_model`.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from srtrain.config import ModelConfig
+
+
+def _act(x, leaky_relu: bool, name: str):
+    return layers.LeakyReLU(negative_slope=0.1, name=name)(x) if leaky_relu else layers.ReLU(
+        name=name
+    )(x)
+
+
+def _conv(x, filters: int, name: str, *, strides: int = 1, transpose: bool = False,
+          leaky_relu: bool, batch_norm: bool, activate: bool = True, dtype=None):
+    conv = layers.Conv2DTranspose if transpose else layers.Conv2D
+    x = conv(filters, 3, strides=strides, padding="same", use_bias=not batch_norm,
+             name=name, dtype=dtype)(x)
+    if batch_norm:
+        x = layers.BatchNormalization(name=f"{name}_bn", dtype=dtype)(x)
+    return _act(x, leaky_relu, f"{name}_act") if activate else x
+
+
+def build_unet(
+    *,
+    filters: int = 64,
+    scale: int = 2,
+    leaky_relu: bool = False,
+    strided_conv: bool = False,
+    conv_transpose: bool = False,
+    batch_norm: bool = False,
+    residual: bool = False,
+    dtype: str | None = None,
+    name: str = "unet",
+) -> keras.Model:
+    """The U-Net; `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); the last layer
+    always computes in float32 so outputs and losses stay in full precision."""
+    f1, f2, f3 = filters, 2 * filters, 4 * filters
+    kw = dict(leaky_relu=leaky_relu, batch_norm=batch_norm, dtype=dtype)
+    inp = keras.Input((None, None, 3), name="lr")
+
+    e1 = _conv(inp, f1, "enc1_conv1", **kw)
+    e1 = _conv(e1, f1, "enc1_conv2", **kw)  # (B, h, w, F)
+
+    def down(x, f, level):
+        if strided_conv:
+            return _conv(x, f, f"enc{level}_conv1", strides=2, **kw)
+        x = layers.MaxPooling2D(2, name=f"enc{level}_pool", dtype=dtype)(x)
+        return _conv(x, f, f"enc{level}_conv1", **kw)
+
+    e2 = down(e1, f2, 2)
+    e2 = _conv(e2, f2, "enc2_conv2", **kw)  # (B, h/2, w/2, 2F)
+
+    b1 = down(e2, f3, 3)
+    if residual:
+        b2 = _conv(b1, f3, "enc3_conv2", activate=False, **kw)
+        b2 = layers.Add(name="bottleneck_add", dtype=dtype)([b1, b2])
+        b = _act(b2, leaky_relu, "enc3_conv2_act")
+    else:
+        b = _conv(b1, f3, "enc3_conv2", **kw)  # (B, h/4, w/4, 4F)
+
+    def up(x, skip, f, level):
+        if conv_transpose:
+            x = _conv(x, f, f"dec{level}_up", strides=2, transpose=True, **kw)
+            x = layers.Concatenate(name=f"dec{level}_concat", dtype=dtype)([x, skip])
+        else:
+            x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{level}_up",
+                                    dtype=dtype)(x)
+            x = layers.Concatenate(name=f"dec{level}_concat", dtype=dtype)([x, skip])
+            x = _conv(x, f, f"dec{level}_conv1", **kw)
+        return _conv(x, f, f"dec{level}_conv2", **kw)
+
+    d2 = up(b, e2, f2, 2)  # (B, h/2, w/2, 2F)
+    d1 = up(d2, e1, f1, 1)  # (B, h, w, F)
+
+    x = layers.UpSampling2D(scale, interpolation="bilinear", name="final_up", dtype=dtype)(d1)
+    out = layers.Conv2D(3, 1, activation="sigmoid", name="out", dtype="float32")(x)  # (B, sH, sW, 3)
+    return keras.Model(inp, out, name=name)
+
+
+def from_config(cfg: ModelConfig, scale: int, dtype: str | None = None) -> keras.Model:
+    """The U-Net a (resolved) ModelConfig describes."""
+    return build_unet(
+        filters=cfg.filters,
+        scale=scale,
+        leaky_relu=bool(cfg.leaky_relu),
+        strided_conv=bool(cfg.strided_conv),
+        conv_transpose=bool(cfg.conv_transpose),
+        batch_norm=bool(cfg.batch_norm),
+        residual=bool(cfg.residual),
+        dtype=dtype,
+        name=f"unet_{cfg.arch}",
+    )
