@@ -1,0 +1,253 @@
+"""Train a U-Net: `python -m srtrain.run [--config jobs/X.yaml] [--set k=v ...] [--local]`.
+
+With no arguments it trains the embedded default (Base U-Net, MAE, bundled sample photos) through
+a local Ray runtime with one Ray Train worker. `--local` runs the same loop in this process without
+Ray. Under `ray job submit` (RAY_ADDRESS set) it joins that cluster. Everything a run leaves
+(config.yaml, command.txt, metrics.jsonl, result.json, samples.png, checkpoints) goes to
+`<run.storage>/<run.name>/`, a local directory or s3://bucket/prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter off the console
+
+from srtrain import storage  # noqa: E402
+from srtrain.config import Config, ConfigError, load_config, to_dict, to_yaml  # noqa: E402
+
+PROG = "srtrain.run"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="job YAML (default: the embedded samples job)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--local", action="store_true",
+                   help="run in this process without Ray (one GPU, several GPUs or the CPU)")
+    p.add_argument("--output", help="run storage: a local directory or s3://bucket/prefix "
+                   "(sets run.storage; default ./runs)")
+    p.add_argument("--name", help="run name (sets run.name; default <job>-<UTC time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run of this name (default: the newest run of this job)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.output:
+        overrides.append(f"run.storage={args.output}")
+    if args.name:
+        overrides.append(f"run.name={args.name}")
+    return load_config(args.config, overrides)
+
+
+def job_name(args: argparse.Namespace) -> str:
+    return Path(args.config).stem if args.config else "samples-base"
+
+
+def _existing_runs(cfg: Config, prefix: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, root = storage.resolve(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as e:
+        raise storage.StorageError(f"{cfg.run.storage}: cannot list runs ({e})") from None
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+
+
+def run_name(cfg: Config, args: argparse.Namespace) -> str:
+    if cfg.run.name:
+        return cfg.run.name
+    stem = job_name(args)
+    if args.resume:
+        runs = _existing_runs(cfg, f"{stem}-")
+        if not runs:
+            raise ConfigError(f"--resume: no run of job {stem!r} under {cfg.run.storage} "
+                              "(pass --name NAME of the run to continue)")
+        return runs[-1]
+    return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_run_files(cfg: Config, run_dir: str, argv: list[str]) -> None:
+    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
+    storage.write_bytes(storage.join(run_dir, "config.yaml"), to_yaml(cfg).encode(), **kw)
+    command = shlex.join([sys.executable, "-m", PROG, *argv]) + "\n"
+    storage.write_bytes(storage.join(run_dir, "command.txt"), command.encode(), **kw)
+
+
+def write_result(cfg: Config, run_dir: str, result: dict) -> None:
+    storage.write_bytes(storage.join(run_dir, "result.json"),
+                        (json.dumps(result, indent=2) + "\n").encode(),
+                        cfg.data.endpoint_url, cfg.data.region)
+
+
+# --- local mode ---------------------------------------------------------------------------------
+
+
+def run_local(cfg: Config, run_dir: str, resume: bool) -> dict:
+    from srtrain import checkpoints, train
+
+    ckpts = checkpoints.LocalCheckpoints(run_dir, cfg.train.keep_checkpoints,
+                                         cfg.data.endpoint_url, cfg.data.region)
+    restore = None
+    if resume and ckpts.latest():
+        restore = ckpts.download(ckpts.latest())
+
+    def report(metrics: dict, ckpt_dir: Path | None) -> None:
+        if ckpt_dir is not None:
+            ckpts.persist(ckpt_dir, checkpoints.load_state(ckpt_dir), metrics)
+
+    ctx = train.Context(run_dir=run_dir, restore_from=restore, report=report)
+    result = train.train_loop(cfg, ctx)
+    result["checkpoint"] = ckpts.best() or ckpts.latest()
+    result["latest_checkpoint"] = ckpts.latest()
+    return result
+
+
+# --- Ray mode -----------------------------------------------------------------------------------
+
+
+def _ray_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    from srtrain import train
+    from srtrain.config import from_dict
+
+    cfg = from_dict(config["cfg"])
+    tctx = ray.train.get_context()
+    restore = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        restore = Path(tempfile.mkdtemp(prefix="srtrain-restore-"))
+        checkpoint.to_directory(str(restore))
+
+    def report(metrics: dict, ckpt_dir: Path | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    ctx = train.Context(run_dir=config["run_dir"], rank=tctx.get_world_rank(),
+                        world_size=tctx.get_world_size(), restore_from=restore, report=report,
+                        log_fn=lambda s: print(s, flush=True))
+    result = train.train_loop(cfg, ctx)
+    if ctx.chief:
+        write_result(cfg, config["run_dir"], result)  # the driver adds the checkpoint path
+
+
+def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, include_dashboard=False if not address else None,
+                 log_to_driver=True, configure_logging=False)
+    s = cfg.scaling
+    storage_fs, storage_path = None, str(Path(cfg.run.storage).resolve())
+    if storage.is_s3(cfg.run.storage):
+        storage_fs, storage_path = storage.resolve(cfg.run.storage, cfg.data.endpoint_url,
+                                                   cfg.data.region)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=_ray_worker,
+        train_loop_config={"cfg": to_dict(cfg), "run_dir": run_dir},
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.gpus_per_worker > 0,
+            resources_per_worker={"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints + 1,
+                checkpoint_score_attribute="val_psnr",
+                checkpoint_score_order="max",
+            ),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
+    out = json.loads(storage.read_bytes(storage.join(run_dir, "result.json"), **kw))
+    best = result.best_checkpoints or []
+    scored = [(m.get("val_psnr"), c) for c, m in best if m.get("val_psnr") is not None]
+    if scored:
+        out["checkpoint"] = _uri(cfg, max(scored, key=lambda t: t[0])[1].path)
+    out["latest_checkpoint"] = _uri(cfg, result.checkpoint.path) if result.checkpoint else None
+    return out
+
+
+def _uri(cfg: Config, path: str) -> str:
+    return f"s3://{path}" if storage.is_s3(cfg.run.storage) else path
+
+
+# --- entry point --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
+        name = run_name(cfg, args)
+        run_dir = storage.join(cfg.run.storage, name)
+        if args.resume and not storage.exists(storage.join(run_dir, "config.yaml"),
+                                              cfg.data.endpoint_url, cfg.data.region):
+            raise ConfigError(f"--resume: no run {name!r} under {cfg.run.storage}")
+        write_run_files(cfg, run_dir, argv)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except storage.StorageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    mode = "local (no Ray)" if args.local else f"Ray, {cfg.scaling.num_workers} worker(s)"
+    print(f"run {name}: {mode}; outputs in {run_dir}", flush=True)
+    t0 = time.time()
+    try:
+        if args.local:
+            result = run_local(cfg, run_dir, args.resume)
+        else:
+            result = run_ray(cfg, run_dir, name)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; continue with --resume --name {name}", file=sys.stderr)
+        return 130
+    except (storage.StorageError, ConfigError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a worker's error reaches us wrapped; show its last line
+        msg = str(e).strip().splitlines()
+        print(f"{PROG}: error: training failed: {msg[-1] if msg else type(e).__name__}",
+              file=sys.stderr)
+        if os.environ.get("SRTRAIN_DEBUG"):
+            raise
+        return 1
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    write_result(cfg, run_dir, result)
+    gain = (result["val_psnr"] or 0) - (result["bicubic_psnr"] or 0)
+    print(f"done: val_psnr {result['val_psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB "
+          f"({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs {result['bicubic_ssim']:.3f}; "
+          f"{result['steps']} steps in {result['wall_seconds']:.0f} s; "
+          f"checkpoint {result['checkpoint']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

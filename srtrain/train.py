@@ -1,0 +1,386 @@
+"""The training loop: one custom loop under tf.distribute for every mode.
+
+Keras 3 `Model.fit` fails under MultiWorkerMirroredStrategy (DESIGN.md), so the loop is written
+out: `strategy.run` over a `tf.function` step with Keras 3 layers and optimizer, the loss averaged
+over the global batch, `strategy.reduce` for metrics. `--local` runs call `train_loop` in-process;
+Ray Train workers call the same function (srtrain.run wires the `Context`).
+
+Per epoch: `train.steps_per_epoch` steps, then validation of the model AND of bicubic upscaling
+on the same LR inputs, the plateau schedule, early stopping, a checkpoint and a metrics line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from srtrain import checkpoints, data, losses, metrics, models, storage
+from srtrain.config import Config
+
+log = logging.getLogger("srtrain.train")
+
+# report(metrics, local checkpoint directory or None); every worker calls it at the same points.
+ReportFn = Callable[[dict, "Path | None"], None]
+
+
+@dataclass
+class Context:
+    """How the loop talks to whoever runs it."""
+
+    run_dir: str  # URI of the run directory (local or s3://)
+    rank: int = 0
+    world_size: int = 1
+    restore_from: Path | None = None  # local checkpoint directory to resume from
+    report: ReportFn | None = None
+    log_fn: Callable[[str], None] = field(default=print)
+
+    @property
+    def chief(self) -> bool:
+        return self.rank == 0
+
+
+# --- devices, strategy, precision ---------------------------------------------------------------
+
+
+def pick_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirrored when TF_CONFIG lists more than one worker, Mirrored when this process
+    sees several GPUs (or several logical CPU devices set up by a test), else the default."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    workers = tf_config.get("cluster", {}).get("worker", [])
+    if len(workers) > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    cpus = tf.config.list_logical_devices("CPU")
+    if not gpus and len(cpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    return tf.distribute.get_strategy()
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def dtype_policy(precision: str) -> str:
+    """Keras dtype policy name for train.precision; "auto" picks bf16 where hardware has it."""
+    if precision == "auto":
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            major = (details.get("compute_capability") or (0, 0))[0]
+            precision = "bf16" if major >= 8 else "fp16"
+        else:
+            precision = "bf16" if _cpu_has_fast_bf16() else "fp32"
+    return {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[precision]
+
+
+# --- steps --------------------------------------------------------------------------------------
+
+
+def make_optimizer(lr: float, policy: str) -> keras.optimizers.Optimizer:
+    opt = keras.optimizers.Adam(learning_rate=lr)
+    if policy == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def make_train_step(strategy, model, optimizer, loss_fn, global_batch: int, jit: bool = False):
+    """A tf.function taking one distributed (lr, hr) batch; returns the global mean loss."""
+
+    def step_fn(lr, hr):
+        with tf.GradientTape() as tape:
+            sr = model(lr, training=True)
+            per_example = loss_fn(hr, sr)  # (B_replica,)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function(jit_compile=jit)
+    def train_step(batch):
+        per_replica = strategy.run(step_fn, args=batch)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return train_step
+
+
+def make_eval_step(model, loss_fn, scale: int):
+    """Per-image sums for one (lr, hr) batch: model and bicubic loss/PSNR/SSIM."""
+
+    @tf.function
+    def eval_step(lr, hr):
+        sr = tf.cast(model(lr, training=False), tf.float32)
+        bic = metrics.bicubic_upscale(lr, scale)
+        return {
+            "val_loss": loss_fn(hr, sr),
+            "val_psnr": metrics.psnr(sr, hr),
+            "val_ssim": metrics.ssim(sr, hr),
+            "bicubic_loss": loss_fn(hr, bic),
+            "bicubic_psnr": metrics.psnr(bic, hr),
+            "bicubic_ssim": metrics.ssim(bic, hr),
+        }
+
+    return eval_step
+
+
+def _allreduce_sum(strategy, values: np.ndarray) -> np.ndarray:
+    """Sums a vector over workers (every worker must call this the same number of times)."""
+    if strategy.extended._in_multi_worker_mode():  # noqa: SLF001 (no public equivalent)
+        local_replicas = len(strategy.extended.worker_devices)
+        local = tf.constant(values / local_replicas, tf.float64)
+        per_replica = strategy.run(lambda: tf.identity(local))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+    return values
+
+
+def validate(strategy, eval_step, val_ds, max_batches: int = 0) -> dict:
+    """Means over this worker's validation shard, combined over workers."""
+    keys = ("val_loss", "val_psnr", "val_ssim", "bicubic_loss", "bicubic_psnr", "bicubic_ssim")
+    sums = np.zeros(len(keys) + 1)
+    for i, (_, lr, hr) in enumerate(val_ds):
+        if max_batches and i >= max_batches:
+            break
+        out = eval_step(lr, hr)
+        sums[:-1] += [float(tf.reduce_sum(out[k])) for k in keys]
+        sums[-1] += int(lr.shape[0])
+    sums = _allreduce_sum(strategy, sums)
+    n = max(sums[-1], 1)
+    result = {k: float(sums[i] / n) for i, k in enumerate(keys)}
+    result["val_images"] = int(sums[-1])
+    return result
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def _fail_injection(cfg: Config, ctx: Context, step: int) -> None:
+    """debug.fail_at_step: kill one worker process once per run (tests of fault tolerance)."""
+    target_rank = 1 if ctx.world_size > 1 else 0
+    if step != cfg.debug.fail_at_step or ctx.rank != target_rank:
+        return
+    marker = storage.join(ctx.run_dir, ".fail-injected")
+    if storage.exists(marker, cfg.data.endpoint_url, cfg.data.region):
+        return
+    storage.write_bytes(marker, f"step {step}\n".encode(), cfg.data.endpoint_url, cfg.data.region)
+    ctx.log_fn(f"debug.fail_at_step: killing worker rank {ctx.rank} at step {step}")
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop(cfg: Config, ctx: Context) -> dict:
+    """Trains per `cfg`, reports every epoch through `ctx`, returns the final result dict."""
+    keras.utils.set_random_seed(cfg.train.seed)
+    strategy = pick_strategy()
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg.data.batch_size * replicas
+    policy = dtype_policy(cfg.train.precision)
+    base_lr = cfg.train.lr * (replicas if cfg.train.lr_scaling == "linear" else 1)
+    scale = cfg.degradation.scale
+
+    with strategy.scope():
+        model = models.from_config(cfg.model, scale, dtype=policy)
+        optimizer = make_optimizer(base_lr, policy)
+        optimizer.build(model.trainable_variables)
+    loss_fn = losses.build_loss(cfg.loss, dtype=policy)
+    export_model = models.from_config(cfg.model, scale) if ctx.chief else None
+
+    state, best_weights = checkpoints.TrainState(lr=base_lr), None
+    if ctx.restore_from is not None:
+        with strategy.scope():
+            state, best_weights = checkpoints.restore(ctx.restore_from, model, optimizer)
+        ctx.log_fn(f"resumed from {ctx.restore_from} at epoch {state.epoch}, step {state.step}")
+    optimizer.learning_rate.assign(state.lr)
+
+    # Seeds differ per input pipeline and per resumption, so nobody replays a sample stream.
+    seed_base = cfg.train.seed * 1_000_003 + state.step
+
+    def dataset_fn(input_context: tf.distribute.InputContext):
+        return data.train_dataset(
+            cfg,
+            index=input_context.input_pipeline_id,
+            count=input_context.num_input_pipelines,
+            seed=seed_base + 7919 * input_context.input_pipeline_id,
+            batch_size=input_context.get_per_replica_batch_size(global_batch),
+        )
+
+    train_iter = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    val_ds = data.eval_dataset(cfg, index=ctx.rank, count=ctx.world_size)
+    train_step = make_train_step(strategy, model, optimizer, loss_fn, global_batch, cfg.train.jit)
+    eval_step = make_eval_step(model, loss_fn, scale)
+
+    if ctx.chief:
+        ctx.log_fn(
+            f"training {model.name}: {model.count_params():,} params, {replicas} replica(s) x "
+            f"batch {cfg.data.batch_size} = global batch {global_batch}, {policy}, lr {base_lr:g}"
+        )
+    metrics_log = MetricsLog(ctx.run_dir, cfg) if ctx.chief else None
+    if metrics_log:
+        metrics_log.truncate_after(state.epoch)
+    steps_per_epoch = cfg.train.steps_per_epoch
+    total_steps = cfg.train.epochs * steps_per_epoch
+    images_per_sec = 0.0
+    stopped_early = False
+
+    while state.epoch < cfg.train.epochs and not stopped_early:
+        epoch = state.epoch + 1
+        t0, wait, loss_sum, n = time.perf_counter(), 0.0, 0.0, 0
+        while state.step < epoch * steps_per_epoch:
+            t_in = time.perf_counter()
+            batch = next(train_iter)
+            wait += time.perf_counter() - t_in
+            loss_sum += float(train_step(batch))
+            n += 1
+            state.step += 1
+            if cfg.debug.fail_at_step:
+                _fail_injection(cfg, ctx, state.step)
+            every = cfg.train.checkpoint_every_steps
+            if every and state.step % every == 0 and state.step < epoch * steps_per_epoch:
+                _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights,
+                            {"step": state.step, "epoch": state.epoch, "train_loss": loss_sum / n})
+        seconds = time.perf_counter() - t0
+        images_per_sec = n * global_batch / max(seconds, 1e-9)
+        row = {"epoch": epoch, "step": state.step, "train_loss": loss_sum / max(n, 1),
+               "lr": float(state.lr), "images_per_sec": images_per_sec,
+               "input_wait": wait / max(seconds, 1e-9), "seconds": seconds}
+        row.update(validate(strategy, eval_step, val_ds, cfg.train.val_steps))
+        state.epoch = epoch
+
+        improved = row["val_psnr"] > state.best_psnr + 1e-4
+        if improved:
+            state.best_psnr, state.best_epoch = row["val_psnr"], epoch
+            state.best_metrics = dict(row)
+            state.plateau_wait = state.early_stop_wait = 0
+            best_weights = model.get_weights()
+        else:
+            state.plateau_wait += 1
+            state.early_stop_wait += 1
+            if state.plateau_wait >= cfg.train.plateau_patience and state.lr > cfg.train.min_lr:
+                state.lr = max(state.lr * cfg.train.plateau_factor, cfg.train.min_lr)
+                optimizer.learning_rate.assign(state.lr)
+                state.plateau_wait = 0
+                row["lr_reduced_to"] = state.lr
+            patience = cfg.train.early_stop_patience
+            if patience and state.early_stop_wait >= patience:
+                stopped_early = True
+                row["stopped_early"] = True
+        row["best"] = improved
+        if ctx.chief:
+            ctx.log_fn(_progress_line(row, cfg.train.epochs))
+            metrics_log.append(row)
+        _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights, row)
+
+    if best_weights is not None:
+        model.set_weights(best_weights)  # early stopping with restore-best, as the original
+    best = state.best_metrics or {}
+    result = {
+        "val_psnr": best.get("val_psnr"),
+        "val_ssim": best.get("val_ssim"),
+        "bicubic_psnr": best.get("bicubic_psnr"),
+        "bicubic_ssim": best.get("bicubic_ssim"),
+        "val_loss": best.get("val_loss"),
+        "best_epoch": state.best_epoch,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "planned_steps": total_steps,
+        "stopped_early": stopped_early,
+        "images_per_sec": images_per_sec,
+        "replicas": replicas,
+        "global_batch": global_batch,
+        "precision": policy,
+        "protocol": "seed (RGB, [0, 1], whole center crop)",
+    }
+    if ctx.chief:
+        _write_samples(cfg, ctx, model, val_ds)
+    return result
+
+
+def _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights, row) -> None:
+    """Every worker calls this at the same points (Ray's report is a barrier); rank 0 writes."""
+    ckpt_dir = None
+    if ctx.chief:
+        export_model.set_weights(model.get_weights())
+        ckpt_dir = Path(tempfile.mkdtemp(prefix="srtrain-ckpt-"))
+        checkpoints.save(ckpt_dir, cfg, export_model, optimizer, state, best_weights)
+    if ctx.report is not None:
+        ctx.report({k: v for k, v in row.items() if _scalar(v)}, ckpt_dir)
+    if ckpt_dir is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float, bool)) and not (isinstance(v, float) and math.isnan(v))
+
+
+def _progress_line(row: dict, epochs: int) -> str:
+    line = (
+        f"epoch {row['epoch']}/{epochs}  step {row['step']}  loss {row['train_loss']:.4f}  "
+        f"val_psnr {row['val_psnr']:.2f} dB (bicubic {row['bicubic_psnr']:.2f})  "
+        f"val_ssim {row['val_ssim']:.3f} (bicubic {row['bicubic_ssim']:.3f})  "
+        f"lr {row['lr']:.1e}  {row['images_per_sec']:.1f} img/s"
+    )
+    if row["input_wait"] > 0.10:
+        line += f"  input-bound: {row['input_wait']:.0%} of step time waiting for data"
+    if "lr_reduced_to" in row:
+        line += f"  (lr -> {row['lr_reduced_to']:.1e})"
+    if row.get("stopped_early"):
+        line += "  early stop"
+    return line
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory, rewritten whole (object storage has no append)."""
+
+    def __init__(self, run_dir: str, cfg: Config):
+        self.uri = storage.join(run_dir, "metrics.jsonl")
+        self.kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
+        self.rows: list[dict] = []
+        if storage.exists(self.uri, **self.kw):
+            text = storage.read_bytes(self.uri, **self.kw).decode()
+            self.rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def truncate_after(self, epoch: int) -> None:
+        self.rows = [r for r in self.rows if r["epoch"] <= epoch]
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        text = "".join(json.dumps(r) + "\n" for r in self.rows)
+        storage.write_bytes(self.uri, text.encode(), **self.kw)
+
+
+def _write_samples(cfg: Config, ctx: Context, model, val_ds) -> None:
+    """samples.png: LR (nearest-upscaled) | bicubic | model | HR, one validation image a row."""
+    n = cfg.train.sample_images
+    if n <= 0:
+        return
+    rows = []
+    for _, lr, hr in val_ds.unbatch().take(n).batch(n):
+        size = tf.shape(hr)[1:3]
+        lr_up = tf.image.resize(lr, size, method="nearest")
+        bic = metrics.bicubic_upscale(lr, cfg.degradation.scale)
+        sr = tf.cast(model(lr, training=False), tf.float32)
+        rows = [tf.concat([lr_up[i], bic[i], sr[i], hr[i]], axis=1) for i in range(lr.shape[0])]
+    if not rows:
+        return
+    grid = tf.image.convert_image_dtype(tf.concat(rows, axis=0), tf.uint8, saturate=True)
+    storage.write_bytes(storage.join(ctx.run_dir, "samples.png"), tf.io.encode_png(grid).numpy(),
+                        cfg.data.endpoint_url, cfg.data.region)
