@@ -146,21 +146,29 @@ def _ray_worker(config: dict) -> None:
         write_result(cfg, config["run_dir"], result)  # the driver adds the checkpoint path
 
 
-def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
+def ensure_ray() -> None:
+    """Joins the cluster in RAY_ADDRESS (ray job submit sets it) or starts a local runtime."""
     import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+
+
+def build_trainer(cfg: Config, run_dir: str, name: str, **run_config_kw):
+    """The TensorflowTrainer for a job: scaling, storage (local or S3), failures, checkpoints.
+
+    tune.search reuses it for every trial (extra RunConfig arguments such as callbacks pass
+    through `run_config_kw`).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, include_dashboard=False if not address else None,
-                 log_to_driver=True, configure_logging=False)
     s = cfg.scaling
     storage_fs, storage_path = None, str(Path(cfg.run.storage).resolve())
     if storage.is_s3(cfg.run.storage):
         storage_fs, storage_path = storage.resolve(cfg.run.storage, cfg.data.endpoint_url,
                                                    cfg.data.region)
-    trainer = TensorflowTrainer(
+    return TensorflowTrainer(
         train_loop_per_worker=_ray_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": run_dir},
         scaling_config=ScalingConfig(
@@ -178,9 +186,14 @@ def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
                 checkpoint_score_attribute="val_psnr",
                 checkpoint_score_order="max",
             ),
+            **run_config_kw,
         ),
     )
-    result = trainer.fit()
+
+
+def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
+    ensure_ray()
+    result = build_trainer(cfg, run_dir, name).fit()
     if result.error:
         raise result.error
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
