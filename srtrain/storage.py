@@ -9,13 +9,17 @@ printed. Problems a user can fix raise `StorageError` with one line naming the U
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -37,7 +41,9 @@ def endpoint(endpoint_url: str = "") -> str:
 def s3_filesystem(endpoint_url: str = "", region: str = "") -> pafs.S3FileSystem:
     url = endpoint(endpoint_url)
     kwargs: dict = {
-        "region": region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        "region": region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
         or "us-east-1",
         "connect_timeout": 5,
         "request_timeout": 30,
@@ -56,7 +62,7 @@ def resolve(uri: str, endpoint_url: str = "", region: str = "") -> tuple[pafs.Fi
     """(filesystem, path inside it) for a URI; local paths become absolute."""
     uri = str(uri)
     if is_s3(uri):
-        return s3_filesystem(endpoint_url, region), uri[len("s3://"):].rstrip("/")
+        return s3_filesystem(endpoint_url, region), uri[len("s3://") :].rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
@@ -66,30 +72,142 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
-def _explain(uri: str, err: Exception) -> StorageError:
+def bucket_of(uri: str) -> str:
+    return str(uri)[len("s3://") :].split("/", 1)[0]
+
+
+def _reason(err: Exception) -> str:
+    """The user-facing part of a storage error, without the SDK's noise."""
     text = str(err)
-    low = text.lower()
-    if "nosuchbucket" in low or "bucket does not exist" in low or "nosuchbucket" in low:
-        why = "the bucket does not exist"
-    elif any(s in low for s in ("accessdenied", "access denied", "invalidaccesskeyid",
-                                "signaturedoesnotmatch", "forbidden", "403")):
-        why = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the role"
-    elif isinstance(err, FileNotFoundError) or "not found" in low or "nosuchkey" in low:
-        why = "not found"
-    elif any(s in low for s in ("connection", "curl", "timed out", "timeout", "resolve")):
-        why = f"cannot reach the endpoint {endpoint() or 'of AWS S3'}"
-    else:
-        why = text.splitlines()[0] if text else type(err).__name__
+    low = text.lower().replace("_", "").replace(" ", "")
+    if "nosuchbucket" in low or "bucketdoesnotexist" in low:
+        return "the bucket does not exist"
+    if any(
+        s in low
+        for s in (
+            "accessdenied",
+            "invalidaccesskeyid",
+            "signaturedoesnotmatch",
+            "forbidden",
+            "403",
+            "invalidtoken",
+            "expiredtoken",
+        )
+    ):
+        return "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the role"
+    if isinstance(err, FileNotFoundError) or any(
+        s in low for s in ("notfound", "nosuchkey", "pathdoesnotexist", "404")
+    ):
+        return "not found"
+    if _transient(err):
+        return f"cannot reach the endpoint {endpoint() or 'of AWS S3'}"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _explain(uri: str, err: Exception, endpoint_url: str = "", region: str = "") -> StorageError:
+    why = _reason(err)
+    if why == "not found" and is_s3(uri):
+        # S3 answers a HEAD on a key in a missing bucket with 404 too: name the real problem.
+        try:
+            fs = s3_filesystem(endpoint_url, region)
+            if fs.get_file_info(bucket_of(uri)).type == pafs.FileType.NotFound:
+                why = "the bucket does not exist"
+        except OSError:
+            pass
     return StorageError(f"{uri}: {why}")
+
+
+_TRANSIENT = (
+    "timeout",
+    "timed out",
+    "connection reset",
+    "connection refused",
+    "broken pipe",
+    "couldn't connect",
+    "could not connect",
+    "curl",
+    "network",
+    "slowdown",
+    "slow down",
+    "serviceunavailable",
+    "service unavailable",
+    "internalerror",
+    "internal error",
+    "throttl",
+    "requesttimeout",
+    "500",
+    "502",
+    "503",
+    "504",
+    "unexpected end",
+    "eof",
+)
+
+
+def _transient(err: Exception) -> bool:
+    """Errors worth retrying: the network or the server, not our request or credentials."""
+    if isinstance(err, (FileNotFoundError, PermissionError)):
+        return False
+    low = str(err).lower()
+    if any(
+        s in low
+        for s in (
+            "access_denied",
+            "accessdenied",
+            "nosuchbucket",
+            "nosuchkey",
+            "403",
+            "404",
+            "not found",
+        )
+    ):
+        return False
+    return isinstance(err, (TimeoutError, ConnectionError)) or any(s in low for s in _TRANSIENT)
+
+
+def retry(
+    fn,
+    uri: str,
+    *,
+    attempts: int = 5,
+    deadline: float = 45.0,
+    endpoint_url: str = "",
+    region: str = "",
+):
+    """fn() with exponential backoff (0.5, 1, 2, 4 s) on transient errors; others fail at once.
+
+    Gives up after `attempts` tries or `deadline` seconds, whichever comes first, so a dead
+    endpoint ends in one StorageError naming the URI, never a hang.
+    """
+    start, delay = time.monotonic(), 0.5
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OSError as e:
+            last_try = attempt == attempts or time.monotonic() + delay - start > deadline
+            if not _transient(e) or last_try:
+                raise _explain(uri, e, endpoint_url, region) from None
+            log.warning(
+                "%s: %s; retrying in %.1f s (attempt %d of %d)",
+                uri,
+                _reason(e),
+                delay,
+                attempt + 1,
+                attempts,
+            )
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
 
 
 def read_bytes(uri: str, endpoint_url: str = "", region: str = "") -> bytes:
     fs, path = resolve(uri, endpoint_url, region)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
-    except (OSError, FileNotFoundError) as e:
-        raise _explain(uri, e) from None
+
+    return retry(read, uri, endpoint_url=endpoint_url, region=region)
 
 
 def write_bytes(uri: str, data: bytes, endpoint_url: str = "", region: str = "") -> None:
@@ -99,6 +217,7 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str = "", region: str = "")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared dataset from others
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -109,20 +228,60 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str = "", region: str = "")
             raise
         return
     fs, path = resolve(uri, endpoint_url, region)
-    try:
+
+    def put() -> None:
         # An S3 PUT is atomic: the object appears whole when the stream closes.
         with fs.open_output_stream(path) as f:
             f.write(data)
-    except OSError as e:
-        raise _explain(uri, e) from None
+
+    retry(put, uri, endpoint_url=endpoint_url, region=region)
 
 
 def exists(uri: str, endpoint_url: str = "", region: str = "") -> bool:
     fs, path = resolve(uri, endpoint_url, region)
-    try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except OSError as e:
-        raise _explain(uri, e) from None
+    info = retry(lambda: fs.get_file_info(path), uri, endpoint_url=endpoint_url, region=region)
+    return info.type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, endpoint_url: str = "", region: str = "") -> dict[str, int]:
+    """{name: size} of the files directly under a directory or S3 prefix ({} if none)."""
+    fs, path = resolve(uri, endpoint_url, region)
+    selector = pafs.FileSelector(path, allow_not_found=True)
+    infos = retry(lambda: fs.get_file_info(selector), uri, endpoint_url=endpoint_url, region=region)
+    return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def check_bucket(uri: str, endpoint_url: str = "", region: str = "") -> None:
+    """One-line StorageError when an s3:// URI's bucket is missing or refuses us; local: no-op."""
+    if not is_s3(uri):
+        return
+    fs = s3_filesystem(endpoint_url, region)
+    bucket = bucket_of(uri)
+    info = retry(
+        lambda: fs.get_file_info(bucket), f"s3://{bucket}", endpoint_url=endpoint_url, region=region
+    )
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"s3://{bucket}: the bucket does not exist")
+
+
+def download(uri: str, local_path: str | Path, endpoint_url: str = "", region: str = "") -> None:
+    """Copies an object to a local file atomically (a concurrent reader never sees half of it)."""
+    fs, path = resolve(uri, endpoint_url, region)
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def copy() -> None:
+        fd, tmp = tempfile.mkstemp(dir=local_path.parent, prefix=f".{local_path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+            os.replace(tmp, local_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    retry(copy, uri, endpoint_url=endpoint_url, region=region)
 
 
 def check_writable(uri: str, endpoint_url: str = "", region: str = "") -> None:
@@ -138,10 +297,9 @@ def check_writable(uri: str, endpoint_url: str = "", region: str = "") -> None:
         return
     fs, path = resolve(uri, endpoint_url, region)
     bucket = path.split("/", 1)[0]
-    try:
-        info = fs.get_file_info(bucket)
-    except OSError as e:
-        raise _explain(f"s3://{bucket}", e) from None
+    info = retry(
+        lambda: fs.get_file_info(bucket), f"s3://{bucket}", endpoint_url=endpoint_url, region=region
+    )
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"s3://{bucket}: the bucket does not exist")
     probe = posixpath.join(path, ".srtrain-write-probe")

@@ -33,16 +33,48 @@ def records(cfg: Config, split: str, index: int = 0, count: int = 1) -> tf.data.
             {"id": [i for i, _ in items], "image": [b for _, b in items]}
         )
         return ds.shard(count, index) if count > 1 else ds
-    from srtrain.data import shards  # noqa: PLC0415 (pulls in pyarrow only when used)
+    from srtrain.data import shards  # pyarrow only when used
 
     return shards.records(cfg, split, index, count)
 
 
 def decode(image: tf.Tensor) -> tf.Tensor:
-    """Encoded bytes -> (H, W, 3) uint8; grayscale, gray+alpha and RGBA become RGB."""
+    """Encoded bytes -> (H, W, 3) uint8; grayscale, gray+alpha, RGBA and CMYK become RGB."""
     img = tf.io.decode_image(image, channels=3, expand_animations=False)
     img.set_shape([None, None, 3])
     return img
+
+
+def image_shape(record: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    """(height, width) of a record: from the shard columns, else the JPEG header, else decoding."""
+    if "height" in record:
+        return record["height"], record["width"]
+
+    def decoded_shape():
+        return tf.shape(decode(record["image"]))[:2]
+
+    hw = tf.cond(
+        tf.io.is_jpeg(record["image"]),
+        lambda: tf.image.extract_jpeg_shape(record["image"])[:2],
+        decoded_shape,
+    )
+    return hw[0], hw[1]
+
+
+def decode_window(image: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: int) -> tf.Tensor:
+    """The size x size window at (top, left) of an encoded image, (size, size, 3) uint8.
+
+    JPEG decodes only the rows and columns it needs (tf.io.decode_and_crop_jpeg); other formats
+    decode whole and are sliced. Both give the same pixels.
+    """
+
+    def jpeg():
+        return tf.io.decode_and_crop_jpeg(image, tf.stack([top, left, size, size]), channels=3)
+
+    def other():
+        return decode(image)[top : top + size, left : left + size]
+
+    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image), jpeg, other), [size, size, 3])
 
 
 def element_seeds(seed: int) -> tf.data.Dataset:
@@ -51,12 +83,39 @@ def element_seeds(seed: int) -> tf.data.Dataset:
 
 
 def random_crop_augment(img: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-    """Random size x size crop, random left-right flip, random rot90: (H, W, 3) -> (size, size, 3)."""
+    """Random size x size crop, left-right flip and rot90: (H, W, 3) -> (size, size, 3)."""
     s1, s2, s3 = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     crop = tf.image.stateless_random_crop(img, [size, size, 3], seed=s1)
-    crop = tf.image.stateless_random_flip_left_right(crop, seed=s2)
-    k = tf.random.stateless_uniform([], seed=s3, minval=0, maxval=4, dtype=tf.int32)
-    return tf.image.rot90(crop, k)
+    return flip_rot90(crop, s2, s3)
+
+
+def flip_rot90(img: tf.Tensor, s_flip: tf.Tensor, s_rot: tf.Tensor) -> tf.Tensor:
+    img = tf.image.stateless_random_flip_left_right(img, seed=s_flip)
+    k = tf.random.stateless_uniform([], seed=s_rot, minval=0, maxval=4, dtype=tf.int32)
+    return tf.image.rot90(img, k)
+
+
+def random_window(
+    height: tf.Tensor, width: tf.Tensor, size: int, seed: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """A uniformly random (top, left) of a size x size window, as stateless_random_crop draws."""
+    s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    top = tf.random.stateless_uniform([], s1, 0, height - size + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], s2, 0, width - size + 1, dtype=tf.int32)
+    return top, left
+
+
+def random_patch(
+    image: tf.Tensor, height: tf.Tensor, width: tf.Tensor, size: int, seed: tf.Tensor
+) -> tf.Tensor:
+    """Encoded image -> random size x size patch, randomly flipped and rotated, uint8.
+
+    Decodes only the patch of a JPEG; the patch distribution is the same as decoding the whole
+    image and calling `random_crop_augment`.
+    """
+    s_win, s_flip, s_rot = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    top, left = random_window(height, width, size, s_win)
+    return flip_rot90(decode_window(image, top, left, size), s_flip, s_rot)
 
 
 def center_crop(img: tf.Tensor, size: int) -> tf.Tensor:
@@ -75,48 +134,93 @@ def to_float(img: tf.Tensor) -> tf.Tensor:
     return tf.image.convert_image_dtype(img, tf.float32)  # uint8 -> [0, 1]
 
 
-def train_dataset(cfg: Config, index: int = 0, count: int = 1, seed: int | None = None,
-                  batch_size: int | None = None) -> tf.data.Dataset:
+def degrade_batch(hr: tf.Tensor, seeds: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
+    """(B, H, W, 3) uint8 patches -> (lr, hr) float batches; one op call for the whole batch.
+
+    The noise of a batch comes from its first element's seed: every element still gets fresh,
+    independent noise, and the batch is reproducible.
+    """
+    hr = to_float(hr)  # (B, H, W, 3)
+    return degrade_ops.degrade(hr, cfg.degradation, seeds[0]), hr  # (B, h, w, 3), (B, H, W, 3)
+
+
+def _options() -> tf.data.Options:
+    # Many small ops run in parallel across elements; splitting each op over threads as well
+    # costs more in synchronisation than it gains (measured: bench/pipeline.py).
+    opts = tf.data.Options()
+    opts.threading.max_intra_op_parallelism = 1
+    return opts
+
+
+def train_dataset(
+    cfg: Config,
+    index: int = 0,
+    count: int = 1,
+    seed: int | None = None,
+    batch_size: int | None = None,
+) -> tf.data.Dataset:
     """Endless (lr, hr) batches for input pipeline `index` of `count`.
 
     `seed` (default train.seed) should differ between pipelines and between resumptions so no
-    two of them replay the same sample stream.
+    two of them replay the same sample stream. Shard records are shuffled while still encoded
+    and only the random patch is decoded; degradation runs once per batch.
     """
-    size, g = cfg.data.patch_size, cfg.degradation
+    size = cfg.data.patch_size
     seed = cfg.train.seed if seed is None else seed
     ds = records(cfg, cfg.data.train_split, index, count)
-    ds = ds.map(lambda r: decode(r["image"]), num_parallel_calls=AUTOTUNE)
-    ds = ds.filter(lambda img: big_enough(img, size))
     if cfg.data.source == "samples":
-        ds = ds.cache()  # a few decoded photos; decoding them again every epoch is waste
-    ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
-    ds = tf.data.Dataset.zip((ds, element_seeds(seed)))
+        # A few photos: decode them once and keep them decoded.
+        ds = ds.map(lambda r: decode(r["image"]), num_parallel_calls=AUTOTUNE)
+        ds = ds.filter(lambda img: big_enough(img, size)).cache()
+        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
+        ds = tf.data.Dataset.zip((ds, element_seeds(seed)))
 
-    def make_pair(img, s):
-        s_crop, s_noise = tf.unstack(tf.random.experimental.stateless_split(s, 2))
-        hr = to_float(random_crop_augment(img, size, s_crop))
-        return degrade_ops.degrade(hr, g, s_noise), hr  # (h, w, 3), (H, W, 3)
+        def patch(img, s):
+            return random_crop_augment(img, size, s), s
+    else:
+        ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
+        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
+        ds = tf.data.Dataset.zip((ds, element_seeds(seed)))
 
-    ds = ds.map(make_pair, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size or cfg.data.batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+        def patch(r, s):
+            h, w = image_shape(r)
+            return random_patch(r["image"], h, w, size, s), s
+
+    ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)  # (size, size, 3) uint8
+    ds = ds.batch(batch_size or cfg.data.batch_size, drop_remainder=True)
+    ds = ds.map(
+        lambda hr, s: degrade_batch(hr, s, cfg), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
+    return ds.prefetch(AUTOTUNE).with_options(_options())
 
 
-def eval_dataset(cfg: Config, split: str | None = None, index: int = 0, count: int = 1,
-                 batch_size: int | None = None) -> tf.data.Dataset:
+def center_patch(record: dict, size: int) -> tf.Tensor:
+    """The center size x size crop of an encoded record, decoding only that window of a JPEG."""
+    h, w = image_shape(record)
+    return decode_window(record["image"], (h - size) // 2, (w - size) // 2, size)
+
+
+def eval_dataset(
+    cfg: Config,
+    split: str | None = None,
+    index: int = 0,
+    count: int = 1,
+    batch_size: int | None = None,
+) -> tf.data.Dataset:
     """Deterministic (id, lr, hr) batches of center crops, for validation and testing."""
     split = split or cfg.data.val_split
     size = cfg.data.val_patch_size or cfg.data.patch_size
     ds = records(cfg, split)
+    ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
     if cfg.data.val_images:
         ds = ds.take(cfg.data.val_images)
     ds = ds.shard(count, index) if count > 1 else ds
-    ds = ds.map(lambda r: (r["id"], decode(r["image"])), num_parallel_calls=AUTOTUNE)
-    ds = ds.filter(lambda _, img: big_enough(img, size))
 
-    def make_pair(key, img):
-        hr = to_float(center_crop(img, size))
+    def make_pair(r):
+        hr = to_float(center_patch(r, size))
+        key = r["id"]
         lr = degrade_ops.degrade(hr, cfg.degradation, degrade_ops.eval_seed(cfg.degradation, key))
         return key, lr, hr
 
     ds = ds.map(make_pair, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size or cfg.data.batch_size).prefetch(AUTOTUNE)
+    return ds.batch(batch_size or cfg.data.batch_size).prefetch(AUTOTUNE).with_options(_options())
