@@ -13,6 +13,8 @@ ARG RAY_VERSION=2.60.0
 ARG RAY_FLAVOR=gpu
 FROM rayproject/ray:${RAY_VERSION}-py311-${RAY_FLAVOR}
 
+# An ARG before FROM is only visible to FROM; declare it again to use it in the build.
+ARG RAY_VERSION
 ARG SRTRAIN_VERSION=0.1.0
 # pyproject extras to install: "gpu" adds tensorflow[and-cuda]; empty for the CPU image.
 ARG EXTRAS=gpu

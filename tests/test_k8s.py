@@ -769,6 +769,13 @@ def test_dockerfile_installs_the_locked_project_as_non_root():
         f"USER {users}: must be numeric non-root"
     )
     assert re.search(r"(?m)^COPY .*\bjobs \./jobs$", text), "Dockerfile: jobs/ is not in the image"
+    # Build args declared before FROM are empty after it unless declared again.
+    stage = text[text.index("\nFROM ") :]
+    declared = set(re.findall(r"(?m)^ARG (\w+)", stage.split("\n", 2)[2])) | {"PATH", "HOME"}
+    used = set(re.findall(r"\$\{(\w+)", stage.split("\n", 2)[2]))
+    assert used <= declared, (
+        f"Dockerfile: {sorted(used - declared)} used after FROM but not declared"
+    )
     ignore = [x.strip() for x in (REPO / ".dockerignore").read_text().splitlines()]
     ignore = [x for x in ignore if x and not x.startswith("#")]
     assert ignore[0] == "*", ".dockerignore: must start from an empty context (allowlist)"
