@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(sets run.storage; default ./runs)")
     p.add_argument("--name", help="run name (sets run.name; default <job>-<UTC time>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run of this name (default: the newest run of this job)")
+                   help="continue the run of this name (default: the newest run of this job) "
+                   "from its latest checkpoint; starts it if it does not exist yet")
     return p.parse_args(argv)
 
 
@@ -73,10 +75,8 @@ def run_name(cfg: Config, args: argparse.Namespace) -> str:
     stem = job_name(args)
     if args.resume:
         runs = _existing_runs(cfg, f"{stem}-")
-        if not runs:
-            raise ConfigError(f"--resume: no run of job {stem!r} under {cfg.run.storage} "
-                              "(pass --name NAME of the run to continue)")
-        return runs[-1]
+        if runs:
+            return runs[-1]
     return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -138,9 +138,17 @@ def _ray_worker(config: dict) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
+    # Ray Train patches print() into a logger that also tees to stdout (every line twice), and
+    # logs each report at INFO; write progress lines straight to the stream instead.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+    def log_line(text: str) -> None:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
     ctx = train.Context(run_dir=config["run_dir"], rank=tctx.get_world_rank(),
                         world_size=tctx.get_world_size(), restore_from=restore, report=report,
-                        log_fn=lambda s: print(s, flush=True))
+                        log_fn=log_line)
     result = train.train_loop(cfg, ctx)
     if ctx.chief:
         write_result(cfg, config["run_dir"], result)  # the driver adds the checkpoint path
@@ -221,9 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
         name = run_name(cfg, args)
         run_dir = storage.join(cfg.run.storage, name)
-        if args.resume and not storage.exists(storage.join(run_dir, "config.yaml"),
-                                              cfg.data.endpoint_url, cfg.data.region):
-            raise ConfigError(f"--resume: no run {name!r} under {cfg.run.storage}")
+        resuming = args.resume and storage.exists(storage.join(run_dir, "config.yaml"),
+                                                  cfg.data.endpoint_url, cfg.data.region)
+        if args.resume and not resuming:
+            # A Kubernetes retry or a first start with --resume: nothing to continue yet.
+            print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it",
+                  flush=True)
         write_run_files(cfg, run_dir, argv)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -236,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         if args.local:
-            result = run_local(cfg, run_dir, args.resume)
+            result = run_local(cfg, run_dir, resuming)
         else:
             result = run_ray(cfg, run_dir, name)
     except KeyboardInterrupt:

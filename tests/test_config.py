@@ -1,0 +1,76 @@
+"""The typed config: YAML + --set overrides parsed to field types, errors naming the key path."""
+
+import pytest
+
+from srtrain.config import ConfigError, apply_overrides, from_dict, load_config, parse_override
+
+
+def test_defaults_are_the_samples_job_and_resolve_arch_flags():
+    cfg = load_config()
+    assert cfg.data.source == "samples"
+    assert cfg.model.arch == "base"
+    assert not any([cfg.model.leaky_relu, cfg.model.strided_conv, cfg.model.conv_transpose,
+                    cfg.model.batch_norm, cfg.model.residual])
+    adv = from_dict({"model": {"arch": "advanced", "residual": False}})
+    assert adv.model.leaky_relu and adv.model.batch_norm and adv.model.residual is False
+
+
+def test_overrides_are_parsed_to_the_field_type():
+    cfg = load_config(None, ["train.lr=1e-3", "train.epochs=3", "model.batch_norm=true",
+                             "degradation.noise_sigma=5", "loss.perceptual_layers={block2_conv2: 2}"])
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
+    assert cfg.train.epochs == 3
+    assert cfg.model.batch_norm is True
+    assert cfg.degradation.noise_sigma == 5.0 and isinstance(cfg.degradation.noise_sigma, float)
+    assert cfg.loss.perceptual_layers == {"block2_conv2": 2.0}
+
+
+def test_job_files_load(tmp_path):
+    job = tmp_path / "j.yaml"
+    job.write_text("# comment\ntrain:\n  epochs: 2\nmodel:\n  arch: advanced\n")
+    cfg = load_config(job, ["train.epochs=4"])
+    assert cfg.train.epochs == 4 and cfg.model.conv_transpose is True
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"trian": {"epochs": 1}}, "trian"),
+        ({"train": {"epoch": 1}}, "train.epoch"),
+        ({"train": {"epochs": "ten"}}, "train.epochs"),
+        ({"train": {"epochs": 1.5}}, "train.epochs"),
+        ({"train": {"lr": 0}}, "train.lr"),
+        ({"train": {"lr": -1e-3}}, "train.lr"),
+        ({"loss": {"alpha": -0.1}}, "loss.alpha"),
+        ({"scaling": {"num_workers": 0}}, "scaling.num_workers"),
+        ({"data": {"patch_size": 100}}, "data.patch_size"),  # not a multiple of 4 x 2
+        ({"degradation": {"scale": 3}, "data": {"patch_size": 32}}, "data.patch_size"),
+        ({"degradation": {"blur_kernel": 4}}, "degradation.blur_kernel"),
+        ({"model": {"arch": "resnet"}}, "model.arch"),
+        ({"model": {"batch_norm": "yes"}}, "model.batch_norm"),
+        ({"loss": {"perceptual_layers": {"block9_conv1": 1.0}}}, "loss.perceptual_layers.block9"),
+        ({"run": {"name": "a/b"}}, "run.name"),
+        ({"train": "fast"}, "train"),
+    ],
+)
+def test_bad_values_name_the_key_path(data, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(data)
+    assert str(e.value).startswith(key), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_override_syntax():
+    assert parse_override("a.b=c") == (["a", "b"], "c")
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_override("novalue")
+    assert apply_overrides({"a": {"x": 1}}, ["a.y=2"]) == {"a": {"x": 1, "y": 2}}

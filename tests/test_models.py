@@ -1,0 +1,59 @@
+"""Both U-Nets: the original parameter counts, what each flag changes, fully convolutional."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from srtrain import models
+from srtrain.config import from_dict
+
+BASE_PARAMS, ADVANCED_PARAMS = 1_883_267, 1_887_619
+
+
+def test_parameter_counts_match_the_original():
+    base = models.from_config(from_dict({}).model, scale=2)
+    adv = models.from_config(from_dict({"model": {"arch": "advanced"}}).model, scale=2)
+    assert base.count_params() == BASE_PARAMS
+    assert abs(adv.count_params() - ADVANCED_PARAMS) / ADVANCED_PARAMS < 0.01
+
+
+@pytest.mark.parametrize(
+    ("flag", "changed"),
+    [
+        ("leaky_relu", {"LeakyReLU", "ReLU"}),
+        ("strided_conv", {"MaxPooling2D"}),
+        ("conv_transpose", {"Conv2DTranspose", "UpSampling2D", "Conv2D"}),
+        ("batch_norm", {"BatchNormalization"}),
+        ("residual", {"Add"}),
+    ],
+)
+def test_each_flag_changes_only_the_layers_it_names(flag, changed):
+    base = Counter(type(layer).__name__ for layer in models.build_unet(filters=8).layers)
+    flagged = Counter(
+        type(layer).__name__ for layer in models.build_unet(filters=8, **{flag: True}).layers
+    )
+    differing = {t for t in base.keys() | flagged.keys() if base[t] != flagged[t]}
+    assert differing == changed
+
+
+def test_batch_norm_convs_have_no_bias():
+    m = models.build_unet(filters=8, batch_norm=True)
+    assert m.get_layer("enc1_conv1").use_bias is False
+    assert models.build_unet(filters=8).get_layer("enc1_conv1").use_bias is True
+
+
+@pytest.mark.parametrize("arch", ["base", "advanced"])
+@pytest.mark.parametrize(("h", "w"), [(24, 40), (36, 16)])
+def test_output_is_twice_the_input_for_multiples_of_4(arch, h, w):
+    cfg = from_dict({"model": {"arch": arch, "filters": 8}})
+    model = models.from_config(cfg.model, scale=2)
+    out = model(np.random.rand(2, h, w, 3).astype("float32"))
+    assert out.shape == (2, 2 * h, 2 * w, 3)
+    assert float(np.min(out)) >= 0 and float(np.max(out)) <= 1  # sigmoid
+
+
+def test_mixed_precision_keeps_the_output_float32():
+    m = models.build_unet(filters=8, dtype="mixed_bfloat16")
+    assert m.get_layer("enc1_conv1").compute_dtype == "bfloat16"
+    assert m(np.zeros((1, 8, 8, 3), "float32")).dtype == "float32"

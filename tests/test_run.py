@@ -1,0 +1,117 @@
+"""End to end: `python -m srtrain.run` for a few steps in --local and Ray mode, what a run leaves,
+and one-line errors with exit code 2 for bad configs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--set", "data.patch_size=32", "--set", "data.val_patch_size=64", "--set", "data.batch_size=4",
+    "--set", "model.filters=16", "--set", "train.epochs=3", "--set", "train.steps_per_epoch=20",
+    "--set", "train.lr=3e-3", "--set", "train.precision=fp32", "--set", "train.sample_images=2",
+]
+
+
+def run_cli(*args, timeout=600, env=None):
+    env = {**os.environ, **(env or {})}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "srtrain.run", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def check_run_dir(run_dir: Path, epochs: int) -> dict:
+    assert (run_dir / "config.yaml").read_text().startswith("data:")
+    assert "srtrain.run" in (run_dir / "command.txt").read_text()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns
+    result = json.loads((run_dir / "result.json").read_text())
+    for key in ("val_psnr", "val_ssim", "bicubic_psnr", "bicubic_ssim", "epochs", "steps",
+                "images_per_sec", "checkpoint"):
+        assert result[key] is not None, key
+    assert result["steps"] == epochs * 20 and result["epochs"] == epochs
+    assert 5 < result["bicubic_psnr"] < 40 and 0 < result["val_ssim"] <= 1
+    assert Path(result["checkpoint"], "model.keras").exists()
+    png = (run_dir / "samples.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["base", "advanced"])
+def test_local_mode_trains_and_leaves_a_complete_run(tmp_path, arch):
+    p = run_cli("--local", *TINY, "--set", f"model.arch={arch}", "--output", str(tmp_path),
+                "--name", "r")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "epoch 3/3" in p.stdout and "bicubic" in p.stdout
+    result = check_run_dir(tmp_path / "r", 3)
+    # the best checkpoint's model loads with plain Keras and predicts like it was trained
+    import keras
+
+    model = keras.saving.load_model(Path(result["checkpoint"], "model.keras"), compile=False)
+    x = np.random.default_rng(0).random((1, 16, 16, 3), "float32")
+    assert model(x).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_local_resume_continues_from_the_last_checkpoint(tmp_path):
+    p = run_cli("--local", *TINY, "--set", "train.epochs=1", "--output", str(tmp_path),
+                "--name", "r")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_cli("--local", *TINY, "--set", "train.epochs=2", "--output", str(tmp_path),
+                "--name", "r", "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "at epoch 1, step 20" in p.stdout
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["steps"] == 40 and result["epochs"] == 2
+    rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_mode_one_worker(tmp_path):
+    p = run_cli(*TINY, "--output", str(tmp_path), "--name", "r")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = check_run_dir(tmp_path / "r", 3)
+    assert str(tmp_path / "r") in result["checkpoint"]
+
+
+def test_misspelled_key_exits_2_naming_it(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("train:\n  epohcs: 3\n")
+    p = run_cli("--config", str(job), "--output", str(tmp_path))
+    assert p.returncode == 2
+    assert "train.epohcs: unknown key" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "train.lr=-1"], "train.lr"),
+        (["--set", "train.epochs=many"], "train.epochs"),
+        (["--set", "data.patch_size=90"], "data.patch_size"),
+        (["--set", "scaling.num_workers=0"], "scaling.num_workers"),
+        (["--set", "loss.alpha=-1"], "loss.alpha"),
+        (["--config", "does/not/exist.yaml"], "not found"),
+    ],
+)
+def test_bad_configs_exit_2_with_one_line(tmp_path, args, needle):
+    p = run_cli(*args, "--output", str(tmp_path))
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_invalid_yaml_exits_2(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("train: {epochs: 3\n")
+    p = run_cli("--config", str(job), "--output", str(tmp_path))
+    assert p.returncode == 2 and "invalid YAML" in p.stderr
