@@ -1,0 +1,234 @@
+"""Upscale whole photos with a trained checkpoint.
+
+    python -m srtrain.upscale --checkpoint CKPT INPUT... --out DIR [--tile N] [--overlap M]
+
+INPUT: JPEG/PNG/BMP files or folders of them; each becomes DIR/<name>.png at `scale` x the size
+(the scale is read from the checkpoint's config.yaml; 2 without one). Grayscale and RGBA inputs
+give RGB output. Images of any size: the LR is padded (mirrored) to a multiple of 4, which the
+U-Net's two 2x downsamplings need, and the output is cropped back. Large images are processed in
+N x N LR tiles overlapping by M pixels, blended with linear ramps over the overlaps, so memory stays
+bounded (`--tile 0`: whole image at once). An unreadable file is reported and skipped; the exit
+code is 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PROG = "python -m srtrain.upscale"
+MODEL_MULTIPLE = 4  # the U-Net halves the LR twice (models.build_unet)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class ImageError(ValueError):
+    """A file that cannot be read as an image."""
+
+
+def read_image(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray, bool]:
+    """(H, W, 3) float32 RGB in [0, 1] and whether the image is grayscale, from a file (or its
+    encoded bytes `data`, `path` naming it). Applies the EXIF orientation; 16-bit PNGs are scaled
+    to [0, 1]; alpha is dropped."""
+    import io
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            gray = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                arr = np.asarray(im, np.float32)
+                arr = arr / (65535.0 if arr.max() > 255 else 255.0)
+                return np.repeat(np.clip(arr, 0, 1)[..., None], 3, axis=-1), True
+            arr = np.asarray(im.convert("RGB"), np.float32) / 255.0
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: cannot read image (not a JPEG, PNG or BMP image)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"{path}: cannot read image ({reason})") from None
+    return arr, gray
+
+
+def write_png(path: str | Path, img: np.ndarray) -> None:
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def pad_to_multiple(img: np.ndarray, multiple: int) -> np.ndarray:
+    """Mirrors the bottom/right edges so H and W become multiples of `multiple`."""
+    h, w = img.shape[:2]
+    ph, pw = -h % multiple, -w % multiple
+    return np.pad(img, ((0, ph), (0, pw), (0, 0)), mode="symmetric") if ph or pw else img
+
+
+def _run(model, lr: np.ndarray, scale: int) -> np.ndarray:
+    """The model on one (h, w, 3) LR image of any size -> (scale*h, scale*w, 3)."""
+    h, w = lr.shape[:2]
+    x = pad_to_multiple(lr, MODEL_MULTIPLE)[None].astype(np.float32)
+    out = np.asarray(model(x, training=False), np.float32)[0]
+    return out[: h * scale, : w * scale]
+
+
+def _starts(size: int, tile: int, step: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, step))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, left: int, right: int) -> np.ndarray:
+    """1-D blend weights: rising over `left` pixels, falling over `right`, 1 in between."""
+    w = np.ones(length, np.float32)
+    if left:
+        w[:left] = (np.arange(left, dtype=np.float32) + 0.5) / left
+    if right:
+        w[length - right :] = np.minimum(
+            w[length - right :], ((np.arange(right, dtype=np.float32) + 0.5) / right)[::-1]
+        )
+    return w
+
+
+def predict(model, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 32) -> np.ndarray:
+    """(h, w, 3) LR in [0, 1] -> (scale*h, scale*w, 3) output, in tiles of tile x tile LR pixels
+    overlapping by `overlap` (tile 0: the whole image in one pass)."""
+    h, w = lr.shape[:2]
+    if tile <= 0:
+        return _run(model, lr, scale)
+    overlap = min(overlap, tile // 2)
+    step = tile - overlap
+    out = np.zeros((h * scale, w * scale, 3), np.float32)
+    weight = np.zeros((h * scale, w * scale, 1), np.float32)
+    ys, xs = _starts(h, tile, step), _starts(w, tile, step)
+    for y in ys:
+        for x in xs:
+            th, tw = min(tile, h - y), min(tile, w - x)
+            sr = _run(model, lr[y : y + th, x : x + tw], scale)  # (s*th, s*tw, 3)
+            # Ramps only where a neighbouring tile overlaps, so image borders keep weight 1.
+            wy = _ramp(
+                th * scale,
+                (y > 0) * min(overlap, th) * scale,
+                (y + th < h) * min(overlap, th) * scale,
+            )
+            wx = _ramp(
+                tw * scale,
+                (x > 0) * min(overlap, tw) * scale,
+                (x + tw < w) * min(overlap, tw) * scale,
+            )
+            wt = (wy[:, None] * wx[None, :])[..., None]
+            sl = np.s_[y * scale : (y + th) * scale, x * scale : (x + tw) * scale]
+            out[sl] += sr * wt
+            weight[sl] += wt
+    return out / weight
+
+
+def checkpoint_scale(checkpoint: str) -> int:
+    """degradation.scale from the checkpoint's config.yaml (2 when absent)."""
+    import yaml
+
+    from srtrain import storage
+
+    uri = checkpoint[: -len("/model.keras")] if checkpoint.endswith("/model.keras") else checkpoint
+    try:
+        data = yaml.safe_load(storage.read_bytes(storage.join(uri, "config.yaml")))
+        return int(data["degradation"]["scale"])
+    except (storage.StorageError, OSError, KeyError, TypeError, ValueError):
+        return 2
+
+
+def load(checkpoint: str):
+    """The checkpoint's model, or one-line errors as ValueError."""
+    from srtrain import checkpoints, storage
+
+    try:
+        return checkpoints.load_model(checkpoint)
+    except (FileNotFoundError, storage.StorageError) as e:
+        raise ValueError(str(e)) from None
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{checkpoint}: cannot load the model ({reason[:200]})") from None
+
+
+def list_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Image files named or inside the named folders (sorted), and errors for missing inputs."""
+    files, errors = [], []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                errors.append(f"{p}: no JPEG/PNG/BMP images in this folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            errors.append(f"{p}: no such file or folder")
+    return files, errors
+
+
+def _out_name(path: Path, used: set[str]) -> str:
+    name, i = f"{path.stem}.png", 1
+    while name in used:  # same stem from two folders, or a.jpg beside a.png
+        name, i = f"{path.stem}_{i}.png", i + 1
+    used.add(name)
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (local or s3://)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("--out", required=True, help="output folder for the PNGs")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=512,
+        help="LR tile side in pixels, a multiple of 4 (0: no tiling; default 512)",
+    )
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in LR pixels")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if (
+        args.tile < 0
+        or args.tile % MODEL_MULTIPLE
+        or args.overlap < 0
+        or (args.tile and args.overlap >= args.tile)
+    ):
+        p.error("--tile must be 0 or a positive multiple of 4, --overlap in [0, tile)")
+
+    files, errors = list_inputs(args.inputs)
+    for e in errors:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+    try:
+        model = load(args.checkpoint)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    scale = checkpoint_scale(args.checkpoint)
+    from tqdm import tqdm
+
+    failed, used = len(errors), set()
+    for path in tqdm(files, desc="upscaling", unit="image", disable=args.no_progress):
+        try:
+            lr, _ = read_image(path)
+        except ImageError as e:
+            tqdm.write(f"{PROG}: error: {e} (skipped)", file=sys.stderr)
+            failed += 1
+            continue
+        sr = predict(model, lr, scale, args.tile, args.overlap)
+        write_png(Path(args.out) / _out_name(path, used), sr)
+    done = len(files) - (failed - len(errors))
+    print(f"{done} image(s) written to {args.out}" + (f", {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
