@@ -204,7 +204,7 @@ def write_figure(runs: list[Run], first: dict, out: Path) -> Path:
         ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
         if ref is not None:
             p, _ = metrics.seed_metrics(img, ref)
-            title += f"\n{p:.2f} dB"
+            title = f"{title}\n{p:.2f} dB"  # noqa: PLW2901
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout()

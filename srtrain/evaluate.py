@@ -203,7 +203,13 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray | None:
 
 
 def evaluate_image(
-    entries: list[Entry], hr: np.ndarray, image_id: str, protocol: str, degradation, tile: int = 0
+    entries: list[Entry],
+    hr: np.ndarray,
+    *,
+    image_id: str,
+    protocol: str,
+    degradation,
+    tile: int = 0,
 ) -> dict[str, tuple[float, float]]:
     """{method: (psnr, ssim)} for one HR image: every model, bicubic and the nearest input."""
     import tensorflow as tf
@@ -223,6 +229,7 @@ def run(
     source: Source,
     protocol: str,
     out: Path,
+    *,
     crop: int = 0,
     limit: int = 0,
     endpoint_url: str = "",
@@ -268,7 +275,9 @@ def run(
             too_small.append(where)
             continue
         hr = metrics.modcrop(hr, scale)
-        for method, (p, s) in evaluate_image(entries, hr, image_id, protocol, degradation).items():
+        for method, (p, s) in evaluate_image(
+            entries, hr, image_id=image_id, protocol=protocol, degradation=degradation
+        ).items():
             per_image.append({"image": image_id, "method": method, "psnr": p, "ssim": s})
     bar.close()
 
@@ -362,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             source,
             args.protocol,
             Path(args.out),
-            args.crop,
-            args.limit,
-            args.endpoint_url,
-            args.region,
+            crop=args.crop,
+            limit=args.limit,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
             progress=not args.no_progress,
         )
     except (EvalError, ValueError, StorageError) as e:

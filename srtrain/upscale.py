@@ -37,9 +37,9 @@ def read_image(path: str | Path, data: bytes | None = None) -> tuple[np.ndarray,
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        with Image.open(io.BytesIO(data) if data is not None else path) as raw:
+            raw.load()
+            im = ImageOps.exif_transpose(raw)
             gray = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(im, np.float32)
@@ -82,7 +82,7 @@ def _starts(size: int, tile: int, step: int) -> list[int]:
     if size <= tile:
         return [0]
     starts = list(range(0, size - tile, step))
-    return starts + [size - tile]
+    return [*starts, size - tile]
 
 
 def _ramp(length: int, left: int, right: int) -> np.ndarray:
