@@ -47,9 +47,14 @@ class TrainState:
     best_metrics: dict = field(default_factory=dict)
 
 
-def save(directory: str | Path, cfg: Config, export_model: keras.Model,
-         optimizer: keras.optimizers.Optimizer, state: TrainState,
-         best_weights: list | None = None) -> Path:
+def save(
+    directory: str | Path,
+    cfg: Config,
+    export_model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    state: TrainState,
+    best_weights: list | None = None,
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     export_model.save(directory / MODEL_FILE)
@@ -71,8 +76,9 @@ def load_state(directory: str | Path) -> TrainState:
     return TrainState(**data)
 
 
-def restore(directory: str | Path, model: keras.Model,
-            optimizer: keras.optimizers.Optimizer) -> tuple[TrainState, list | None]:
+def restore(
+    directory: str | Path, model: keras.Model, optimizer: keras.optimizers.Optimizer
+) -> tuple[TrainState, list | None]:
     """Loads weights and optimizer state into already built objects (under their strategy);
     returns the training state and the best weights so far (None if not saved)."""
     directory = Path(directory)
@@ -138,8 +144,12 @@ class LocalCheckpoints:
             return Path(uri)
         local = Path(tempfile.mkdtemp(prefix="srtrain-restore-"))
         _, src = storage.resolve(uri, self.endpoint_url, self.region)
-        pafs.copy_files(src, str(local), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            src,
+            str(local),
+            source_filesystem=self.fs,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
         return local
 
     def persist(self, local_dir: Path, state: TrainState, metrics: dict) -> str:
@@ -147,8 +157,12 @@ class LocalCheckpoints:
         dest = storage.join(self.root, name)
         _, dest_path = storage.resolve(dest, self.endpoint_url, self.region)
         if storage.is_s3(dest):
-            pafs.copy_files(str(local_dir), dest_path,
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            pafs.copy_files(
+                str(local_dir),
+                dest_path,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
         else:
             tmp = Path(self.root_path) / f".tmp-{name}"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -156,16 +170,25 @@ class LocalCheckpoints:
             shutil.rmtree(dest_path, ignore_errors=True)
             tmp.rename(dest_path)  # atomic on one filesystem
         items = [c for c in self.index["checkpoints"] if c["name"] != name]
-        items.append({"name": name, "epoch": state.epoch, "step": state.step,
-                      "val_psnr": metrics.get("val_psnr")})
+        items.append(
+            {
+                "name": name,
+                "epoch": state.epoch,
+                "step": state.step,
+                "val_psnr": metrics.get("val_psnr"),
+            }
+        )
         psnr_of = {c["name"]: c["val_psnr"] for c in items if c["val_psnr"] is not None}
         best = max(psnr_of, key=psnr_of.get) if psnr_of else None
-        keep = {c["name"] for c in items[-self.keep_latest:]} | ({best} if best else set())
+        keep = {c["name"] for c in items[-self.keep_latest :]} | ({best} if best else set())
         dropped = [c["name"] for c in items if c["name"] not in keep]
         self.index = {"checkpoints": [c for c in items if c["name"] in keep], "best": best}
-        storage.write_bytes(storage.join(self.root, "index.json"),
-                            json.dumps(self.index, indent=2).encode(),
-                            self.endpoint_url, self.region)
+        storage.write_bytes(
+            storage.join(self.root, "index.json"),
+            json.dumps(self.index, indent=2).encode(),
+            self.endpoint_url,
+            self.region,
+        )
         for old in dropped:  # only after the index no longer lists them
             _, p = storage.resolve(storage.join(self.root, old), self.endpoint_url, self.region)
             try:

@@ -22,7 +22,9 @@ import yaml
 
 ARCH_FLAGS = ("leaky_relu", "strided_conv", "conv_transpose", "batch_norm", "residual")
 VGG19_LAYERS = tuple(
-    f"block{b}_conv{c}" for b, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4)) for c in range(1, n + 1)
+    f"block{b}_conv{c}"
+    for b, n in ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
+    for c in range(1, n + 1)
 )
 
 
@@ -137,6 +139,9 @@ class DebugConfig:
     # Tests only: the rank-1 worker (rank 0 with one worker) kills itself at this global step,
     # once per run.
     fail_at_step: int = 0
+    # Split the CPU into this many logical devices (>= 2: MirroredStrategy over them), to test
+    # multi-GPU code paths on a machine without GPUs. 0: off.
+    cpu_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -317,7 +322,9 @@ _ARCH_DEFAULTS = {"base": False, "advanced": True}
 def _resolve(cfg: Config) -> Config:
     """Fills arch-dependent defaults and checks every value; returns the resolved config."""
     flags = {
-        k: _ARCH_DEFAULTS[cfg.model.arch] if getattr(cfg.model, k) is None else getattr(cfg.model, k)
+        k: _ARCH_DEFAULTS[cfg.model.arch]
+        if getattr(cfg.model, k) is None
+        else getattr(cfg.model, k)
         for k in ARCH_FLAGS
     }
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **flags))
@@ -332,33 +339,69 @@ def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
 
 def _validate(cfg: Config) -> None:
     d, g, m, lo, t, s, r = (
-        cfg.data, cfg.degradation, cfg.model, cfg.loss, cfg.train, cfg.scaling, cfg.run
+        cfg.data,
+        cfg.degradation,
+        cfg.model,
+        cfg.loss,
+        cfg.train,
+        cfg.scaling,
+        cfg.run,
     )
     _check(g.scale in (2, 3, 4), "degradation.scale", g.scale, "2, 3 or 4")
     mult = 4 * g.scale
-    _check(d.patch_size >= mult and d.patch_size % mult == 0, "data.patch_size", d.patch_size,
-           f"a positive multiple of {mult} (4 x degradation.scale)")
-    _check(d.val_patch_size == 0 or (d.val_patch_size >= mult and d.val_patch_size % mult == 0),
-           "data.val_patch_size", d.val_patch_size, f"0 or a positive multiple of {mult}")
+    _check(
+        d.patch_size >= mult and d.patch_size % mult == 0,
+        "data.patch_size",
+        d.patch_size,
+        f"a positive multiple of {mult} (4 x degradation.scale)",
+    )
+    _check(
+        d.val_patch_size == 0 or (d.val_patch_size >= mult and d.val_patch_size % mult == 0),
+        "data.val_patch_size",
+        d.val_patch_size,
+        f"0 or a positive multiple of {mult}",
+    )
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
     _check(d.val_images >= 0, "data.val_images", d.val_images, "an integer >= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
-    _check(bool(d.source.strip()), "data.source", d.source,
-           "'samples', a shard dataset (local path or s3://bucket/prefix) or an image folder")
-    _check(g.blur_kernel >= 1 and g.blur_kernel % 2 == 1, "degradation.blur_kernel",
-           g.blur_kernel, "an odd integer >= 1")
+    _check(
+        bool(d.source.strip()),
+        "data.source",
+        d.source,
+        "'samples', a shard dataset (local path or s3://bucket/prefix) or an image folder",
+    )
+    _check(
+        g.blur_kernel >= 1 and g.blur_kernel % 2 == 1,
+        "degradation.blur_kernel",
+        g.blur_kernel,
+        "an odd integer >= 1",
+    )
     _check(g.blur_sigma >= 0, "degradation.blur_sigma", g.blur_sigma, "a number >= 0")
-    _check(g.noise_sigma >= 0, "degradation.noise_sigma", g.noise_sigma, "a number >= 0 (0-255 scale)")
+    _check(
+        g.noise_sigma >= 0, "degradation.noise_sigma", g.noise_sigma, "a number >= 0 (0-255 scale)"
+    )
     _check(m.filters >= 4, "model.filters", m.filters, "an integer >= 4")
     _check(lo.alpha >= 0, "loss.alpha", lo.alpha, "a number >= 0")
     if lo.kind == "composite":
-        _check(bool(lo.perceptual_layers), "loss.perceptual_layers", lo.perceptual_layers,
-               "at least one VGG19 layer")
-        _check(bool(lo.vgg_weights.strip()), "loss.vgg_weights", lo.vgg_weights,
-               "'imagenet', a local weights file or an s3:// object")
+        _check(
+            bool(lo.perceptual_layers),
+            "loss.perceptual_layers",
+            lo.perceptual_layers,
+            "at least one VGG19 layer",
+        )
+        _check(
+            bool(lo.vgg_weights.strip()),
+            "loss.vgg_weights",
+            lo.vgg_weights,
+            "'imagenet', a local weights file or an s3:// object",
+        )
     for name, w in lo.perceptual_layers.items():
-        _check(name in VGG19_LAYERS, f"loss.perceptual_layers.{name}", name,
-               "a VGG19 conv layer name, e.g. block2_conv2 or block5_conv4")
+        _check(
+            name in VGG19_LAYERS,
+            f"loss.perceptual_layers.{name}",
+            name,
+            "a VGG19 conv layer name, e.g. block2_conv2 or block5_conv4",
+        )
         _check(w > 0, f"loss.perceptual_layers.{name}", w, "a weight > 0")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
     _check(t.steps_per_epoch >= 1, "train.steps_per_epoch", t.steps_per_epoch, "an integer >= 1")
@@ -367,20 +410,41 @@ def _validate(cfg: Config) -> None:
     _check(0 < t.plateau_factor < 1, "train.plateau_factor", t.plateau_factor, "a number in (0, 1)")
     _check(t.plateau_patience >= 1, "train.plateau_patience", t.plateau_patience, "an integer >= 1")
     _check(0 < t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"a number in (0, train.lr={t.lr}]")
-    _check(t.early_stop_patience >= 0, "train.early_stop_patience", t.early_stop_patience,
-           "an integer >= 0 (0 disables early stopping)")
-    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
-           t.checkpoint_every_steps, "an integer >= 0")
+    _check(
+        t.early_stop_patience >= 0,
+        "train.early_stop_patience",
+        t.early_stop_patience,
+        "an integer >= 0 (0 disables early stopping)",
+    )
+    _check(
+        t.checkpoint_every_steps >= 0,
+        "train.checkpoint_every_steps",
+        t.checkpoint_every_steps,
+        "an integer >= 0",
+    )
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
     _check(t.sample_images >= 0, "train.sample_images", t.sample_images, "an integer >= 0")
     _check(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
     _check(s.gpus_per_worker >= 0, "scaling.gpus_per_worker", s.gpus_per_worker, "an integer >= 0")
     _check(s.cpus_per_worker >= 1, "scaling.cpus_per_worker", s.cpus_per_worker, "an integer >= 1")
-    _check(r.name == "" or re.fullmatch(r"[\w.-]+", r.name) is not None, "run.name", r.name,
-           "letters, digits, '_', '-' and '.'")
-    _check(bool(r.storage.strip()), "run.storage", r.storage, "a local directory or s3://bucket/prefix")
-    _check(r.max_failures >= -1, "run.max_failures", r.max_failures, "an integer >= -1 (-1: forever)")
-    _check(cfg.debug.fail_at_step >= 0, "debug.fail_at_step", cfg.debug.fail_at_step, "an integer >= 0")
+    _check(
+        r.name == "" or re.fullmatch(r"[\w.-]+", r.name) is not None,
+        "run.name",
+        r.name,
+        "letters, digits, '_', '-' and '.'",
+    )
+    _check(
+        bool(r.storage.strip()), "run.storage", r.storage, "a local directory or s3://bucket/prefix"
+    )
+    _check(
+        r.max_failures >= -1, "run.max_failures", r.max_failures, "an integer >= -1 (-1: forever)"
+    )
+    _check(
+        cfg.debug.fail_at_step >= 0, "debug.fail_at_step", cfg.debug.fail_at_step, "an integer >= 0"
+    )
+    _check(
+        cfg.debug.cpu_replicas >= 0, "debug.cpu_replicas", cfg.debug.cpu_replicas, "an integer >= 0"
+    )
 
 
 def replace(cfg: Config, overrides: list[str]) -> Config:

@@ -24,16 +24,29 @@ from srtrain.config import ModelConfig
 
 
 def _act(x, leaky_relu: bool, name: str):
-    return layers.LeakyReLU(negative_slope=0.1, name=name)(x) if leaky_relu else layers.ReLU(
-        name=name
-    )(x)
+    return (
+        layers.LeakyReLU(negative_slope=0.1, name=name)(x)
+        if leaky_relu
+        else layers.ReLU(name=name)(x)
+    )
 
 
-def _conv(x, filters: int, name: str, *, strides: int = 1, transpose: bool = False,
-          leaky_relu: bool, batch_norm: bool, activate: bool = True, dtype=None):
+def _conv(
+    x,
+    filters: int,
+    name: str,
+    *,
+    strides: int = 1,
+    transpose: bool = False,
+    leaky_relu: bool,
+    batch_norm: bool,
+    activate: bool = True,
+    dtype=None,
+):
     conv = layers.Conv2DTranspose if transpose else layers.Conv2D
-    x = conv(filters, 3, strides=strides, padding="same", use_bias=not batch_norm,
-             name=name, dtype=dtype)(x)
+    x = conv(
+        filters, 3, strides=strides, padding="same", use_bias=not batch_norm, name=name, dtype=dtype
+    )(x)
     if batch_norm:
         x = layers.BatchNormalization(name=f"{name}_bn", dtype=dtype)(x)
     return _act(x, leaky_relu, f"{name}_act") if activate else x
@@ -82,8 +95,9 @@ def build_unet(
             x = _conv(x, f, f"dec{level}_up", strides=2, transpose=True, **kw)
             x = layers.Concatenate(name=f"dec{level}_concat", dtype=dtype)([x, skip])
         else:
-            x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{level}_up",
-                                    dtype=dtype)(x)
+            x = layers.UpSampling2D(
+                2, interpolation="bilinear", name=f"dec{level}_up", dtype=dtype
+            )(x)
             x = layers.Concatenate(name=f"dec{level}_concat", dtype=dtype)([x, skip])
             x = _conv(x, f, f"dec{level}_conv1", **kw)
         return _conv(x, f, f"dec{level}_conv2", **kw)
@@ -92,7 +106,9 @@ def build_unet(
     d1 = up(d2, e1, f1, 1)  # (B, h, w, F)
 
     x = layers.UpSampling2D(scale, interpolation="bilinear", name="final_up", dtype=dtype)(d1)
-    out = layers.Conv2D(3, 1, activation="sigmoid", name="out", dtype="float32")(x)  # (B, sH, sW, 3)
+    out = layers.Conv2D(3, 1, activation="sigmoid", name="out", dtype="float32")(
+        x
+    )  # (B, sH, sW, 3)
     return keras.Model(inp, out, name=name)
 
 

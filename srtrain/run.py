@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -31,16 +32,31 @@ PROG = "srtrain.run"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="job YAML (default: the embedded samples job)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
-    p.add_argument("--local", action="store_true",
-                   help="run in this process without Ray (one GPU, several GPUs or the CPU)")
-    p.add_argument("--output", help="run storage: a local directory or s3://bucket/prefix "
-                   "(sets run.storage; default ./runs)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-3 (repeatable)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="run in this process without Ray (one GPU, several GPUs or the CPU)",
+    )
+    p.add_argument(
+        "--output",
+        help="run storage: a local directory or s3://bucket/prefix "
+        "(sets run.storage; default ./runs)",
+    )
     p.add_argument("--name", help="run name (sets run.name; default <job>-<UTC time>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run of this name (default: the newest run of this job) "
-                   "from its latest checkpoint; starts it if it does not exist yet")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run of this name (default: the newest run of this job) "
+        "from its latest checkpoint; starts it if it does not exist yet",
+    )
     return p.parse_args(argv)
 
 
@@ -65,8 +81,11 @@ def _existing_runs(cfg: Config, prefix: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError as e:
         raise storage.StorageError(f"{cfg.run.storage}: cannot list runs ({e})") from None
-    return sorted(i.base_name for i in infos
-                  if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+    return sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)
+    )
 
 
 def run_name(cfg: Config, args: argparse.Namespace) -> str:
@@ -88,9 +107,12 @@ def write_run_files(cfg: Config, run_dir: str, argv: list[str]) -> None:
 
 
 def write_result(cfg: Config, run_dir: str, result: dict) -> None:
-    storage.write_bytes(storage.join(run_dir, "result.json"),
-                        (json.dumps(result, indent=2) + "\n").encode(),
-                        cfg.data.endpoint_url, cfg.data.region)
+    storage.write_bytes(
+        storage.join(run_dir, "result.json"),
+        (json.dumps(result, indent=2) + "\n").encode(),
+        cfg.data.endpoint_url,
+        cfg.data.region,
+    )
 
 
 # --- local mode ---------------------------------------------------------------------------------
@@ -99,8 +121,9 @@ def write_result(cfg: Config, run_dir: str, result: dict) -> None:
 def run_local(cfg: Config, run_dir: str, resume: bool) -> dict:
     from srtrain import checkpoints, train
 
-    ckpts = checkpoints.LocalCheckpoints(run_dir, cfg.train.keep_checkpoints,
-                                         cfg.data.endpoint_url, cfg.data.region)
+    ckpts = checkpoints.LocalCheckpoints(
+        run_dir, cfg.train.keep_checkpoints, cfg.data.endpoint_url, cfg.data.region
+    )
     restore = None
     if resume and ckpts.latest():
         restore = ckpts.download(ckpts.latest())
@@ -146,9 +169,14 @@ def _ray_worker(config: dict) -> None:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
-    ctx = train.Context(run_dir=config["run_dir"], rank=tctx.get_world_rank(),
-                        world_size=tctx.get_world_size(), restore_from=restore, report=report,
-                        log_fn=log_line)
+    ctx = train.Context(
+        run_dir=config["run_dir"],
+        rank=tctx.get_world_rank(),
+        world_size=tctx.get_world_size(),
+        restore_from=restore,
+        report=report,
+        log_fn=log_line,
+    )
     result = train.train_loop(cfg, ctx)
     if ctx.chief:
         write_result(cfg, config["run_dir"], result)  # the driver adds the checkpoint path
@@ -174,8 +202,9 @@ def build_trainer(cfg: Config, run_dir: str, name: str, **run_config_kw):
     s = cfg.scaling
     storage_fs, storage_path = None, str(Path(cfg.run.storage).resolve())
     if storage.is_s3(cfg.run.storage):
-        storage_fs, storage_path = storage.resolve(cfg.run.storage, cfg.data.endpoint_url,
-                                                   cfg.data.region)
+        storage_fs, storage_path = storage.resolve(
+            cfg.run.storage, cfg.data.endpoint_url, cfg.data.region
+        )
     return TensorflowTrainer(
         train_loop_per_worker=_ray_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": run_dir},
@@ -221,20 +250,27 @@ def _uri(cfg: Config, path: str) -> str:
 # --- entry point --------------------------------------------------------------------------------
 
 
+def _interrupt(signum, frame) -> None:
+    # SIGTERM (kubectl delete, a scheduler's stop) takes the same path as Ctrl-C: Ray aborts the
+    # run and shuts down what it started; the checkpoints written so far stay for --resume.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _interrupt)
     args = parse_args(argv)
     try:
         cfg = resolve_config(args)
         storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
         name = run_name(cfg, args)
         run_dir = storage.join(cfg.run.storage, name)
-        resuming = args.resume and storage.exists(storage.join(run_dir, "config.yaml"),
-                                                  cfg.data.endpoint_url, cfg.data.region)
+        resuming = args.resume and storage.exists(
+            storage.join(run_dir, "config.yaml"), cfg.data.endpoint_url, cfg.data.region
+        )
         if args.resume and not resuming:
             # A Kubernetes retry or a first start with --resume: nothing to continue yet.
-            print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it",
-                  flush=True)
+            print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it", flush=True)
         write_run_files(cfg, run_dir, argv)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -258,18 +294,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # a worker's error reaches us wrapped; show its last line
         msg = str(e).strip().splitlines()
-        print(f"{PROG}: error: training failed: {msg[-1] if msg else type(e).__name__}",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: training failed: {msg[-1] if msg else type(e).__name__}",
+            file=sys.stderr,
+        )
         if os.environ.get("SRTRAIN_DEBUG"):
             raise
         return 1
     result["wall_seconds"] = round(time.time() - t0, 1)
     write_result(cfg, run_dir, result)
     gain = (result["val_psnr"] or 0) - (result["bicubic_psnr"] or 0)
-    print(f"done: val_psnr {result['val_psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB "
-          f"({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs {result['bicubic_ssim']:.3f}; "
-          f"{result['steps']} steps in {result['wall_seconds']:.0f} s; "
-          f"checkpoint {result['checkpoint']}", flush=True)
+    print(
+        f"done: val_psnr {result['val_psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB "
+        f"({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs {result['bicubic_ssim']:.3f}; "
+        f"{result['steps']} steps in {result['wall_seconds']:.0f} s; "
+        f"checkpoint {result['checkpoint']}",
+        flush=True,
+    )
     return 0
 
 

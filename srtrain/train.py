@@ -56,9 +56,19 @@ class Context:
 # --- devices, strategy, precision ---------------------------------------------------------------
 
 
+def split_cpu(replicas: int) -> None:
+    """Makes the CPU appear as `replicas` logical devices (debug.cpu_replicas); must run before
+    TensorFlow initialises its runtime."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) != replicas:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)]
+        )
+
+
 def pick_strategy() -> tf.distribute.Strategy:
     """MultiWorkerMirrored when TF_CONFIG lists more than one worker, Mirrored when this process
-    sees several GPUs (or several logical CPU devices set up by a test), else the default."""
+    sees several GPUs (or several logical CPU devices, debug.cpu_replicas), else the default."""
     tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
     workers = tf_config.get("cluster", {}).get("worker", [])
     if len(workers) > 1:
@@ -170,6 +180,26 @@ def validate(strategy, eval_step, val_ds, max_batches: int = 0) -> dict:
     return result
 
 
+def distributed_train_dataset(strategy, cfg: Config, global_batch: int, start_step: int = 0):
+    """The training pipeline, one per worker, batched per replica, sharded over workers.
+
+    Seeds differ per input pipeline and per resumption (`start_step`), so no two workers and no
+    resumed run replay the same sample stream.
+    """
+    seed_base = cfg.train.seed * 1_000_003 + start_step
+
+    def dataset_fn(input_context: tf.distribute.InputContext):
+        return data.train_dataset(
+            cfg,
+            index=input_context.input_pipeline_id,
+            count=input_context.num_input_pipelines,
+            seed=seed_base + 7919 * input_context.input_pipeline_id,
+            batch_size=input_context.get_per_replica_batch_size(global_batch),
+        )
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -189,6 +219,8 @@ def _fail_injection(cfg: Config, ctx: Context, step: int) -> None:
 
 def train_loop(cfg: Config, ctx: Context) -> dict:
     """Trains per `cfg`, reports every epoch through `ctx`, returns the final result dict."""
+    if cfg.debug.cpu_replicas > 1:
+        split_cpu(cfg.debug.cpu_replicas)
     keras.utils.set_random_seed(cfg.train.seed)
     strategy = pick_strategy()
     replicas = strategy.num_replicas_in_sync
@@ -211,19 +243,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         ctx.log_fn(f"resumed from {ctx.restore_from} at epoch {state.epoch}, step {state.step}")
     optimizer.learning_rate.assign(state.lr)
 
-    # Seeds differ per input pipeline and per resumption, so nobody replays a sample stream.
-    seed_base = cfg.train.seed * 1_000_003 + state.step
-
-    def dataset_fn(input_context: tf.distribute.InputContext):
-        return data.train_dataset(
-            cfg,
-            index=input_context.input_pipeline_id,
-            count=input_context.num_input_pipelines,
-            seed=seed_base + 7919 * input_context.input_pipeline_id,
-            batch_size=input_context.get_per_replica_batch_size(global_batch),
-        )
-
-    train_iter = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    train_iter = iter(distributed_train_dataset(strategy, cfg, global_batch, state.step))
     val_ds = data.eval_dataset(cfg, index=ctx.rank, count=ctx.world_size)
     train_step = make_train_step(strategy, model, optimizer, loss_fn, global_batch, cfg.train.jit)
     eval_step = make_eval_step(model, loss_fn, scale)
@@ -255,13 +275,27 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
                 _fail_injection(cfg, ctx, state.step)
             every = cfg.train.checkpoint_every_steps
             if every and state.step % every == 0 and state.step < epoch * steps_per_epoch:
-                _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights,
-                            {"step": state.step, "epoch": state.epoch, "train_loss": loss_sum / n})
+                _checkpoint(
+                    cfg,
+                    ctx,
+                    export_model,
+                    model,
+                    optimizer,
+                    state,
+                    best_weights,
+                    {"step": state.step, "epoch": state.epoch, "train_loss": loss_sum / n},
+                )
         seconds = time.perf_counter() - t0
         images_per_sec = n * global_batch / max(seconds, 1e-9)
-        row = {"epoch": epoch, "step": state.step, "train_loss": loss_sum / max(n, 1),
-               "lr": float(state.lr), "images_per_sec": images_per_sec,
-               "input_wait": wait / max(seconds, 1e-9), "seconds": seconds}
+        row = {
+            "epoch": epoch,
+            "step": state.step,
+            "train_loss": loss_sum / max(n, 1),
+            "lr": float(state.lr),
+            "images_per_sec": images_per_sec,
+            "input_wait": wait / max(seconds, 1e-9),
+            "seconds": seconds,
+        }
         row.update(validate(strategy, eval_step, val_ds, cfg.train.val_steps))
         state.epoch = epoch
 
@@ -382,5 +416,9 @@ def _write_samples(cfg: Config, ctx: Context, model, val_ds) -> None:
     if not rows:
         return
     grid = tf.image.convert_image_dtype(tf.concat(rows, axis=0), tf.uint8, saturate=True)
-    storage.write_bytes(storage.join(ctx.run_dir, "samples.png"), tf.io.encode_png(grid).numpy(),
-                        cfg.data.endpoint_url, cfg.data.region)
+    storage.write_bytes(
+        storage.join(ctx.run_dir, "samples.png"),
+        tf.io.encode_png(grid).numpy(),
+        cfg.data.endpoint_url,
+        cfg.data.region,
+    )

@@ -20,8 +20,10 @@ def _setup(cfg):
 def test_checkpoint_roundtrip(tmp_path):
     cfg = load_config(None, ["model.filters=8", "model.arch=advanced"])
     rng = np.random.default_rng(0)
-    batches = [(rng.random((2, 16, 16, 3), "float32"), rng.random((2, 32, 32, 3), "float32"))
-               for _ in range(3)]
+    batches = [
+        (rng.random((2, 16, 16, 3), "float32"), rng.random((2, 32, 32, 3), "float32"))
+        for _ in range(3)
+    ]
     model, opt, step = _setup(cfg)
     step(batches[0])
     step(batches[1])
@@ -33,8 +35,9 @@ def test_checkpoint_roundtrip(tmp_path):
     # inference: plain keras loading, identical predictions (BatchNorm in inference mode)
     loaded = checkpoints.load_model(str(tmp_path / "ckpt"))
     x = batches[2][0]
-    np.testing.assert_array_equal(loaded(x, training=False).numpy(),
-                                  model(x, training=False).numpy())
+    np.testing.assert_array_equal(
+        loaded(x, training=False).numpy(), model(x, training=False).numpy()
+    )
 
     # resume: a fresh model + optimizer restored, then one more identical step on both
     model2, opt2, step2 = _setup(cfg)

@@ -9,15 +9,30 @@ def test_defaults_are_the_samples_job_and_resolve_arch_flags():
     cfg = load_config()
     assert cfg.data.source == "samples"
     assert cfg.model.arch == "base"
-    assert not any([cfg.model.leaky_relu, cfg.model.strided_conv, cfg.model.conv_transpose,
-                    cfg.model.batch_norm, cfg.model.residual])
+    assert not any(
+        [
+            cfg.model.leaky_relu,
+            cfg.model.strided_conv,
+            cfg.model.conv_transpose,
+            cfg.model.batch_norm,
+            cfg.model.residual,
+        ]
+    )
     adv = from_dict({"model": {"arch": "advanced", "residual": False}})
     assert adv.model.leaky_relu and adv.model.batch_norm and adv.model.residual is False
 
 
 def test_overrides_are_parsed_to_the_field_type():
-    cfg = load_config(None, ["train.lr=1e-3", "train.epochs=3", "model.batch_norm=true",
-                             "degradation.noise_sigma=5", "loss.perceptual_layers={block2_conv2: 2}"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-3",
+            "train.epochs=3",
+            "model.batch_norm=true",
+            "degradation.noise_sigma=5",
+            "loss.perceptual_layers={block2_conv2: 2}",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 3
     assert cfg.model.batch_norm is True

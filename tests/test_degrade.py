@@ -16,8 +16,9 @@ def test_gaussian_kernel_sums_to_one_and_is_symmetric():
     k2 = np.outer(k, k)  # the separable 2-D kernel
     assert k2.sum() == pytest.approx(1.0, abs=1e-6)
     # OpenCV's getGaussianKernel(5, 1.0) for reference
-    np.testing.assert_allclose(k, [0.05448868, 0.24420134, 0.40261995, 0.24420134, 0.05448868],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        k, [0.05448868, 0.24420134, 0.40261995, 0.24420134, 0.05448868], atol=1e-6
+    )
 
 
 def test_area_downsample_is_block_mean():

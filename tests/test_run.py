@@ -12,17 +12,38 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "--set", "data.patch_size=32", "--set", "data.val_patch_size=64", "--set", "data.batch_size=4",
-    "--set", "model.filters=16", "--set", "train.epochs=3", "--set", "train.steps_per_epoch=20",
-    "--set", "train.lr=3e-3", "--set", "train.precision=fp32", "--set", "train.sample_images=2",
+    "--set",
+    "data.patch_size=32",
+    "--set",
+    "data.val_patch_size=64",
+    "--set",
+    "data.batch_size=4",
+    "--set",
+    "model.filters=16",
+    "--set",
+    "train.epochs=3",
+    "--set",
+    "train.steps_per_epoch=20",
+    "--set",
+    "train.lr=3e-3",
+    "--set",
+    "train.precision=fp32",
+    "--set",
+    "train.sample_images=2",
 ]
 
 
 def run_cli(*args, timeout=600, env=None):
     env = {**os.environ, **(env or {})}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "srtrain.run", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "srtrain.run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def check_run_dir(run_dir: Path, epochs: int) -> dict:
@@ -32,8 +53,16 @@ def check_run_dir(run_dir: Path, epochs: int) -> dict:
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns
     result = json.loads((run_dir / "result.json").read_text())
-    for key in ("val_psnr", "val_ssim", "bicubic_psnr", "bicubic_ssim", "epochs", "steps",
-                "images_per_sec", "checkpoint"):
+    for key in (
+        "val_psnr",
+        "val_ssim",
+        "bicubic_psnr",
+        "bicubic_ssim",
+        "epochs",
+        "steps",
+        "images_per_sec",
+        "checkpoint",
+    ):
         assert result[key] is not None, key
     assert result["steps"] == epochs * 20 and result["epochs"] == epochs
     assert 5 < result["bicubic_psnr"] < 40 and 0 < result["val_ssim"] <= 1
@@ -46,8 +75,9 @@ def check_run_dir(run_dir: Path, epochs: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["base", "advanced"])
 def test_local_mode_trains_and_leaves_a_complete_run(tmp_path, arch):
-    p = run_cli("--local", *TINY, "--set", f"model.arch={arch}", "--output", str(tmp_path),
-                "--name", "r")
+    p = run_cli(
+        "--local", *TINY, "--set", f"model.arch={arch}", "--output", str(tmp_path), "--name", "r"
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "epoch 3/3" in p.stdout and "bicubic" in p.stdout
     result = check_run_dir(tmp_path / "r", 3)
@@ -61,11 +91,21 @@ def test_local_mode_trains_and_leaves_a_complete_run(tmp_path, arch):
 
 @pytest.mark.slow
 def test_local_resume_continues_from_the_last_checkpoint(tmp_path):
-    p = run_cli("--local", *TINY, "--set", "train.epochs=1", "--output", str(tmp_path),
-                "--name", "r")
+    p = run_cli(
+        "--local", *TINY, "--set", "train.epochs=1", "--output", str(tmp_path), "--name", "r"
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_cli("--local", *TINY, "--set", "train.epochs=2", "--output", str(tmp_path),
-                "--name", "r", "--resume")
+    p = run_cli(
+        "--local",
+        *TINY,
+        "--set",
+        "train.epochs=2",
+        "--output",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--resume",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "at epoch 1, step 20" in p.stdout
     result = json.loads((tmp_path / "r" / "result.json").read_text())

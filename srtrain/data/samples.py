@@ -50,5 +50,7 @@ def read(split: str) -> list[tuple[str, bytes]]:
     out = []
     for name, package, filename in PHOTOS:
         if name in wanted:
-            out.append((f"samples/{name}", resources.files(package).joinpath(filename).read_bytes()))
+            out.append(
+                (f"samples/{name}", resources.files(package).joinpath(filename).read_bytes())
+            )
     return out
