@@ -144,23 +144,35 @@ _TRANSIENT = (
 )
 
 
+def _unreachable(err: Exception) -> bool:
+    low = str(err).lower()
+    return any(
+        s in low
+        for s in (
+            "couldn't connect",
+            "could not connect",
+            "connection refused",
+            "couldn't resolve",
+            "could not resolve",
+        )
+    )
+
+
 def _transient(err: Exception) -> bool:
     """Errors worth retrying: the network or the server, not our request or credentials."""
     if isinstance(err, (FileNotFoundError, PermissionError)):
         return False
     low = str(err).lower()
-    if any(
-        s in low
-        for s in (
-            "access_denied",
-            "accessdenied",
-            "nosuchbucket",
-            "nosuchkey",
-            "403",
-            "404",
-            "not found",
-        )
-    ):
+    permanent = (
+        "access_denied",
+        "accessdenied",
+        "nosuchbucket",
+        "nosuchkey",
+        "403",
+        "404",
+        "not found",
+    )
+    if any(s in low for s in permanent):
         return False
     return isinstance(err, (TimeoutError, ConnectionError)) or any(s in low for s in _TRANSIENT)
 
@@ -185,7 +197,8 @@ def retry(
             return fn()
         except OSError as e:
             last_try = attempt == attempts or time.monotonic() + delay - start > deadline
-            if not _transient(e) or last_try:
+            # pyarrow already retried a refused connection 5 times (~8 s): the endpoint is down.
+            if not _transient(e) or _unreachable(e) or last_try:
                 raise _explain(uri, e, endpoint_url, region) from None
             log.warning(
                 "%s: %s; retrying in %.1f s (attempt %d of %d)",

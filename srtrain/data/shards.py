@@ -337,13 +337,14 @@ def build(
         total = len(files)
     # fork: checkers only run Pillow, and spawned ones would each import TensorFlow (seconds).
     ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-    with (
-        ctx.Pool(workers) as pool,
-        tqdm(total=total, unit="img", desc="build", disable=not progress) as bar,
-    ):
+    pool = ctx.Pool(workers) if workers > 1 else None
+    with tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
         # In blocks, so a streamed archive is never read far ahead of the checkers.
         while block := _take(tasks, 64 * workers):
-            for c in pool.imap(_check_task, block, chunksize=4):
+            checked = (
+                pool.imap(_check_task, block, chunksize=4) if pool else map(_check_task, block)
+            )
+            for c in checked:
                 bar.update()
                 if not c.reason and c.id in seen_ids:
                     c.reason = f"duplicate id {c.id!r} (same name, another extension)"
@@ -352,6 +353,9 @@ def build(
                     continue
                 seen_ids.add(c.id)
                 writers[split_of(c.id, split, seed)].add(c)
+    if pool:
+        pool.close()
+        pool.join()
     for w in writers.values():
         w.flush()
     manifest = {

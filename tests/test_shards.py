@@ -1,0 +1,323 @@
+"""Shard builder, manifest, inspect/verify CLI and the streaming reader (local and SeaweedFS S3)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from srtrain import run
+from srtrain.data import __main__ as data_cli
+from srtrain.data import shards
+from srtrain.storage import StorageError
+
+DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+REPO = Path(__file__).resolve().parents[1]
+
+# Planted bad files and the reason the manifest must give for each.
+PLANTED = {
+    "bad/zero.jpg": "empty file",
+    "bad/truncated.jpg": "corrupt or truncated",
+    "bad/garbage.png": "not an image",
+    "bad/tiny.png": "too small",
+}
+
+
+def photo(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def plant_bad_files(root: Path) -> None:
+    (root / "bad").mkdir(parents=True, exist_ok=True)
+    (root / "bad/zero.jpg").write_bytes(b"")
+    (root / "bad/truncated.jpg").write_bytes(encode(photo(300, 300), "JPEG")[:2000])
+    (root / "bad/garbage.png").write_bytes(b"this is not a png")
+    (root / "bad/tiny.png").write_bytes(encode(photo(100, 80), "PNG"))
+
+
+def make_source(root: Path) -> Path:
+    """A small folder: real photos when ../shared is there, synthetic ones else, plus bad files."""
+    root.mkdir(parents=True, exist_ok=True)
+    bsd = sorted((DATASETS / "bsd200").glob("*.png"))[:8]
+    t91 = sorted((DATASETS / "t91").glob("*.png"))[:3]
+    for p in bsd + t91:
+        (root / p.parent.name).mkdir(exist_ok=True)
+        (root / p.parent.name / p.name).write_bytes(p.read_bytes())
+    (root / "synth").mkdir(exist_ok=True)
+    (root / "synth/cmyk.jpg").write_bytes(encode(photo(300, 280, "CMYK", 1), "JPEG"))
+    (root / "synth/gray.png").write_bytes(encode(photo(290, 300, "L", 2), "PNG"))
+    (root / "synth/pal.bmp").write_bytes(encode(photo(320, 260, "P", 3), "BMP"))
+    (root / "synth/rgb.jpg").write_bytes(encode(photo(400, 300, "RGB", 4), "JPEG", quality=95))
+    (root / "synth/notes.txt").write_text("not an image extension: ignored")
+    plant_bad_files(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return make_source(tmp_path_factory.mktemp("src"))
+
+
+@pytest.fixture(scope="module")
+def built(source, tmp_path_factory) -> tuple[Path, dict]:
+    dest = tmp_path_factory.mktemp("shards")
+    manifest = shards.build(
+        str(source), str(dest), shard_size=256 * 1024, workers=2, progress=False
+    )
+    return dest, manifest
+
+
+# --- split, ids, sizes --------------------------------------------------------------------------
+
+
+def test_split_is_a_stable_function_of_the_id():
+    ids = [f"{d:02d}/{d * 1000 + i}" for d in range(41) for i in range(250)]
+    first = {i: shards.split_of(i, shards.DEFAULT_SPLIT) for i in ids}
+    again = {i: shards.split_of(i, shards.DEFAULT_SPLIT) for i in reversed(ids)}
+    assert first == again
+    counts = {s: sum(v == s for v in first.values()) / len(ids) for s in shards.DEFAULT_SPLIT}
+    for name, frac in shards.DEFAULT_SPLIT.items():
+        assert abs(counts[name] - frac) < 0.015, counts
+    # Adding images never moves the existing ones; another seed gives another split.
+    assert shards.split_of("new/1", shards.DEFAULT_SPLIT) in shards.DEFAULT_SPLIT
+    other = {i: shards.split_of(i, shards.DEFAULT_SPLIT, seed=1) for i in ids}
+    assert other != first
+
+
+def test_parse_split_and_size():
+    assert shards.parse_split("train=2,val=1,test=1") == {"train": 0.5, "val": 0.25, "test": 0.25}
+    for bad in ("train", "train=x", "=0.5", "train=-1", "train=0"):
+        with pytest.raises(shards.BuildError, match="--split"):
+            shards.parse_split(bad)
+    assert shards.parse_size("128MB") == 128 * 2**20
+    assert shards.parse_size("64KiB") == 64 * 2**10
+    assert shards.parse_size("1000") == 1000
+    with pytest.raises(shards.BuildError, match="--shard-size"):
+        shards.parse_size("big")
+
+
+def test_image_ids():
+    assert shards.image_id("iaprtc12/images/17/17975.jpg") == "17/17975"
+    assert shards.image_id("./images/00/25.jpg") == "00/25"
+    assert shards.image_id("bsd200/100075.png") == "bsd200/100075"
+
+
+# --- sources and the builder ------------------------------------------------------------------
+
+
+def test_archive_is_read_without_extracting(tmp_path):
+    arc = tmp_path / "iaprtc12.tgz"
+    with tarfile.open(arc, "w:gz") as tar:
+        members = {
+            "iaprtc12/images/00/1.jpg": encode(photo(320, 300, seed=1), "JPEG"),
+            "iaprtc12/images/17/17975.jpg": encode(photo(320, 300, seed=2), "JPEG")[:1500],
+            "iaprtc12/images/19/19579.jpg": b"",
+            "iaprtc12/annotations_complete_eng/00/1.eng": b"<DOC>a photo</DOC>",
+        }
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    read = dict(shards.iter_archive(str(arc)))
+    assert sorted(read) == sorted(n for n in members if n.endswith(".jpg"))
+    m = shards.build(str(arc), str(tmp_path / "out"), progress=False, workers=1)
+    assert m["images"] == 1
+    assert {s["path"]: s["reason"].split(" (")[0] for s in m["skipped"]} == {
+        "iaprtc12/images/17/17975.jpg": "corrupt or truncated",
+        "iaprtc12/images/19/19579.jpg": "empty file",
+    }
+    ids = [
+        r[0]
+        for s in m["splits"].values()
+        for sh in s["shards"]
+        for r in shards.read_shard(str(tmp_path / "out" / sh["name"]))
+    ]
+    assert ids == ["00/1"]
+
+
+def test_manifest_lists_shards_counts_and_every_planted_file(built, source):
+    dest, m = built
+    assert json.loads((dest / "manifest.json").read_text()) == m
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    for path, why in PLANTED.items():
+        assert reasons[path].startswith(why), reasons
+    assert "synth/notes.txt" not in reasons
+    kept = sum(s["images"] for s in m["splits"].values())
+    assert kept == m["images"]
+    n_inputs = sum(1 for p in source.rglob("*") if p.suffix in (".png", ".jpg", ".bmp"))
+    assert kept + len(m["skipped"]) == n_inputs
+    for s in m["splits"].values():
+        for sh in s["shards"]:
+            assert (dest / sh["name"]).stat().st_size == sh["bytes"]
+    assert len(m["splits"]["train"]["shards"]) >= 2
+
+
+def test_shards_keep_the_original_bytes(built, source):
+    dest, m = built
+    rows = [
+        r
+        for s in m["splits"].values()
+        for sh in s["shards"]
+        for r in shards.read_shard(
+            str(dest / sh["name"]), columns=("id", "path", "image", "height", "width")
+        )
+    ]
+    assert len({r[0] for r in rows}) == len(rows)
+    for _id, path, data, h, w in rows:
+        assert data == (source / path).read_bytes()
+        assert Image.open(io.BytesIO(data)).size == (w, h)
+
+
+def test_rebuild_gives_identical_shards(built, source, tmp_path):
+    dest, _ = built
+    shards.build(str(source), str(tmp_path), shard_size=256 * 1024, workers=1, progress=False)
+    for p in dest.iterdir():
+        assert (tmp_path / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_glob_source(source, tmp_path):
+    m = shards.build(str(source / "synth" / "*.jpg"), str(tmp_path), progress=False, workers=1)
+    assert m["images"] == 2 and not m["skipped"]
+
+
+def test_missing_source_is_one_line(tmp_path):
+    with pytest.raises(shards.BuildError, match="no such folder, archive or glob"):
+        shards.build(str(tmp_path / "nothing"), str(tmp_path / "out"), progress=False)
+
+
+# --- inspect / verify / manifest errors --------------------------------------------------------
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m srtrain.data ARGS` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = data_cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_and_verify_cli(built, tmp_path, capsys):
+    dest, m = built
+    code, out, _ = cli(capsys, "inspect", str(dest))
+    assert code == 0
+    for path in PLANTED:
+        assert path in out
+    n_train = m["splits"]["train"]["images"]
+    assert re.search(rf"^\s+train\s+{n_train} images\s+\d+ shards", out, re.M), out
+    code, out, _ = cli(capsys, "verify", str(dest))
+    assert code == 0 and "verify OK" in out
+    # A corrupted copy fails verification and names the shard.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in dest.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    victim = m["splits"]["train"]["shards"][0]["name"]
+    data = bytearray((bad / victim).read_bytes())
+    data[100] ^= 0xFF
+    (bad / victim).write_bytes(bytes(data))
+    code, _, err = cli(capsys, "verify", str(bad))
+    assert code == 1
+    assert f"{bad / victim}: checksum mismatch" in err
+
+
+def test_missing_manifest_is_one_line(tmp_path, capsys):
+    with pytest.raises(StorageError, match=r"manifest.json: not found: no shard dataset here"):
+        shards.load_manifest(str(tmp_path))
+    code, _, err = cli(capsys, "inspect", str(tmp_path))
+    assert code == 1
+    assert err.strip() == (
+        f"error: {tmp_path}/manifest.json: not found: no shard dataset here "
+        f"(build one with `python -m srtrain.data build SRC {tmp_path}`)"
+    )
+    code, _, err = cli(capsys, "build", str(tmp_path / "nothing"), str(tmp_path / "out"))
+    assert code == 2 and "no such folder, archive or glob" in err
+
+
+def test_assign_shards_disjoint_or_elementwise():
+    names = [f"train-{i:05d}.parquet" for i in range(5)]
+    parts = [shards.assign(names, i, 2) for i in range(2)]
+    assert parts[0] == (names[0::2], False) and parts[1] == (names[1::2], False)
+    assert shards.assign(names[:1], 1, 2) == (names[:1], True)
+    assert shards.assign(names, 0, 1) == (names, False)
+
+
+# --- S3 (SeaweedFS) -----------------------------------------------------------------------------
+
+
+@pytest.mark.s3
+def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_path, capsys):  # noqa: PLR0917
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    dest = f"s3://{s3.bucket}/datasets/planted"
+    args = ("--shard-size", "256KB", "--no-progress", "--workers", "1")
+    code, out, err = cli(capsys, "build", str(source), dest, *args)
+    assert code == 0, err
+    code, out, err = cli(capsys, "inspect", dest)
+    assert code == 0, err
+    for path in PLANTED:
+        assert path in out
+    code, out, err = cli(capsys, "verify", dest)
+    assert code == 0 and "verify OK" in out
+    monkeypatch.setenv("SRTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    m = shards.load_manifest(dest)
+    sh = m["splits"]["train"]["shards"][0]
+    rows = list(shards.read_shard(f"{dest}/{sh['name']}", cache_key=sh["sha256"]))
+    assert len(rows) == sh["images"]
+    cached = tmp_path / "cache" / f"{sh['sha256']}.parquet"
+    assert cached.exists() and cached.stat().st_size == sh["bytes"]
+    assert list(shards.read_shard(f"{dest}/{sh['name']}", cache_key=sh["sha256"])) == rows
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("problem", ["missing bucket", "bad credentials", "missing manifest"])
+def test_training_job_fails_fast_with_one_line(  # noqa: PLR0917
+    s3, s3_env, problem, tmp_path, monkeypatch, capsys
+):
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    source = f"s3://{s3.bucket}/datasets/nothing-here"
+    if problem == "missing bucket":
+        source = "s3://no-such-bucket/iaprtc12"
+    elif problem == "bad credentials":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        source = f"s3://{s3.bucket}/datasets/planted"
+    capsys.readouterr()
+    t0 = time.monotonic()
+    code = run.main(
+        [
+            "--local",
+            "--set",
+            f"data.source={source}",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.steps_per_epoch=1",
+            "--output",
+            str(tmp_path / "runs"),
+        ]
+    )
+    assert time.monotonic() - t0 < 60
+    assert code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {
+        "missing bucket": "s3://no-such-bucket: the bucket does not exist",
+        "bad credentials": f"s3://{s3.bucket}: access denied",
+        "missing manifest": f"{source}/manifest.json: not found",
+    }[problem]
+    assert expected in err[-1], err
+    assert len(err) == 1, err

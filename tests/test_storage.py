@@ -1,0 +1,118 @@
+"""storage: local and S3 round trips, retries, and the one-line messages for every failure."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from srtrain import storage
+from srtrain.storage import StorageError
+
+
+def test_local_write_is_atomic_and_readable(tmp_path):
+    uri = str(tmp_path / "a" / "b.bin")
+    storage.write_bytes(uri, b"x" * 10)
+    assert storage.read_bytes(uri) == b"x" * 10
+    assert storage.exists(uri)
+    assert storage.list_files(str(tmp_path / "a")) == {"b.bin": 10}
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.bin"]  # no temp files left
+
+
+def test_local_missing_file_names_the_uri(tmp_path):
+    uri = str(tmp_path / "nope.json")
+    with pytest.raises(StorageError, match=r"nope\.json: not found$"):
+        storage.read_bytes(uri)
+
+
+def test_retry_backs_off_on_transient_errors_then_succeeds(monkeypatch):
+    sleeps, calls = [], []
+    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError(
+                "AWS Error NETWORK_CONNECTION during GetObject: curlCode 56, connection reset"
+            )
+        return "ok"
+
+    assert storage.retry(flaky, "s3://b/k") == "ok"
+    assert sleeps == [0.5, 1.0]
+
+
+def test_retry_gives_up_with_one_line(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+    calls = []
+
+    def dead():
+        calls.append(1)
+        raise OSError("AWS Error NETWORK_CONNECTION: curlCode: 28, Timeout was reached")
+
+    with pytest.raises(StorageError, match=r"^s3://b/k: cannot reach the endpoint") as e:
+        storage.retry(dead, "s3://b/k", attempts=3)
+    assert "\n" not in str(e.value)
+    assert len(calls) == 3
+
+
+def test_permanent_errors_are_not_retried(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
+
+    def denied():
+        raise OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body.")
+
+    with pytest.raises(StorageError, match="access denied: check AWS_ACCESS_KEY_ID"):
+        storage.retry(denied, "s3://b/k")
+    assert sleeps == []
+
+
+@pytest.mark.s3
+def test_s3_round_trip_and_failures(s3, s3_env, monkeypatch):
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    base = f"s3://{s3.bucket}/storage-test"
+    storage.write_bytes(f"{base}/x.bin", b"hello")
+    assert storage.read_bytes(f"{base}/x.bin") == b"hello"
+    assert storage.list_files(base) == {"x.bin": 5}
+
+    with pytest.raises(StorageError, match=rf"^{base}/missing: not found$"):
+        storage.read_bytes(f"{base}/missing")
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket/x: the bucket does not exist$"):
+        storage.read_bytes("s3://no-such-bucket/x")
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket: the bucket does not exist$"):
+        storage.check_bucket("s3://no-such-bucket/prefix")
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=rf"^{base}/x.bin: access denied"):
+        storage.read_bytes(f"{base}/x.bin")
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.s3
+def test_s3_download_is_atomic(s3, s3_env, monkeypatch, tmp_path):
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    uri = f"s3://{s3.bucket}/storage-test/blob"
+    storage.write_bytes(uri, bytes(range(256)) * 1000)
+    storage.download(uri, tmp_path / "c" / "blob")
+    assert (tmp_path / "c" / "blob").read_bytes() == bytes(range(256)) * 1000
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["blob"]
+
+
+def test_unreachable_endpoint_fails_within_a_minute(monkeypatch):
+    from seaweed import free_ports
+
+    port = free_ports(1)[0]  # nothing listens here
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError, match=r"^s3://b/manifest.json: cannot reach the endpoint"):
+        storage.read_bytes("s3://b/manifest.json")
+    assert time.monotonic() - t0 < 60
+    assert isinstance(storage.s3_filesystem(), pafs.S3FileSystem)
