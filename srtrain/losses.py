@@ -157,8 +157,9 @@ def perceptual(features: keras.Model, layer_weights: list[float]) -> LossFn:
     """Per-example sum_l w_l x mean|VGG_l(sr) - VGG_l(hr)|."""
 
     def loss(hr: tf.Tensor, sr: tf.Tensor) -> tf.Tensor:
-        f_hr = features(preprocess(hr), training=False)
-        f_sr = features(preprocess(sr), training=False)
+        # A one-layer model returns a tensor, not a list.
+        f_hr = tf.nest.flatten(features(preprocess(hr), training=False))
+        f_sr = tf.nest.flatten(features(preprocess(sr), training=False))
         total = 0.0
         for w, a, b in zip(layer_weights, f_hr, f_sr, strict=True):
             diff = tf.abs(tf.cast(tf.stop_gradient(a), tf.float32) - tf.cast(b, tf.float32))
