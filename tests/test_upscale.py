@@ -1,0 +1,93 @@
+"""srtrain.upscale: whole images of any size, padding and cropping back, tiling equal to untiled,
+grayscale in -> RGB out, unreadable files reported and skipped with a failing exit code."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from srtrain import checkpoints, models, upscale
+from srtrain.config import load_config
+from srtrain.train import make_optimizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny untrained checkpoint (random weights are enough to test geometry and blending)."""
+    cfg = load_config(None, ["model.filters=8"])
+    model = models.from_config(cfg.model, 2)
+    opt = make_optimizer(1e-3, "float32")
+    opt.build(model.trainable_variables)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_00000001"
+    checkpoints.save(path, cfg, model, opt, checkpoints.TrainState())
+    return str(path), model
+
+
+def test_any_size_is_padded_and_cropped_back(ckpt):
+    _, model = ckpt
+    lr = np.random.default_rng(0).random((37, 22, 3), np.float32)
+    out = upscale.predict(model, lr, 2)
+    assert out.shape == (74, 44, 3)
+    assert np.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+
+
+def test_tiled_equals_untiled_where_the_image_fits_one_tile(ckpt):
+    _, model = ckpt
+    lr = np.random.default_rng(1).random((50, 61, 3), np.float32)
+    whole = upscale.predict(model, lr, 2, tile=0)
+    one_tile = upscale.predict(model, lr, 2, tile=64, overlap=16)
+    assert np.abs(whole - one_tile).max() < 1e-3
+    # several tiles: blended, full coverage, close to untiled away from tile seams
+    tiled = upscale.predict(model, lr, 2, tile=32, overlap=16)
+    assert tiled.shape == whole.shape and np.isfinite(tiled).all()
+    assert np.abs(whole - tiled).mean() < 0.05
+
+
+def test_blend_weights_ramp_only_over_overlaps():
+    w = upscale._ramp(10, 4, 0)
+    assert w[0] < w[1] < w[3] <= 1 and (w[4:] == 1).all()
+    assert upscale._starts(100, 32, 16) == [0, 16, 32, 48, 64, 68]
+
+
+def test_cli_photo_grayscale_and_bad_file(ckpt, tmp_path, capsys):
+    path, _ = ckpt
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (70, 100, 3), np.uint8)).save(src / "photo.jpg")
+    Image.fromarray(rng.integers(0, 256, (33, 45), np.uint8), "L").save(src / "gray.png")
+    (src / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    rc = upscale.main(
+        [
+            "--checkpoint",
+            path,
+            str(src),
+            "--out",
+            str(out),
+            "--tile",
+            "32",
+            "--overlap",
+            "8",
+            "--no-progress",
+        ]
+    )
+    assert rc == 1  # something failed
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "skipped" in err
+    photo, gray = Image.open(out / "photo.png"), Image.open(out / "gray.png")
+    assert photo.size == (200, 140) and photo.mode == "RGB"
+    assert gray.size == (90, 66) and gray.mode == "RGB"
+    assert (
+        upscale.main(
+            ["--checkpoint", path, str(src / "photo.jpg"), "--out", str(out), "--no-progress"]
+        )
+        == 0
+    )
+
+
+def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
+    rc = upscale.main(
+        ["--checkpoint", str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and any("nope" in line and "model.keras" in line for line in err)
