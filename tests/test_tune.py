@@ -1,0 +1,338 @@
+"""tune.search: search jobs validate (bad spaces exit 2 naming the key), trial configs follow the
+sampled values, and one tiny real search (6 trials of a few steps, 1 worker each, 2 at a time) is
+interrupted with Ctrl-C, resumed without rerunning finished trials, stops trials with ASHA and
+leaves results.csv, summary.md, best.yaml (which srtrain.run trains) and search.png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from srtrain.config import ConfigError, load_config
+from tune import space
+from tune.search import concurrent_trials, load_search_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_JOB = {
+    "data": {"source": "samples", "patch_size": 32, "val_patch_size": 64, "batch_size": 4},
+    "model": {"arch": "base", "filters": 8},
+    "loss": {"kind": "mae"},
+    "train": {
+        "epochs": 4,
+        "steps_per_epoch": 3,
+        "lr": 1.0e-3,
+        "early_stop_patience": 0,
+        "sample_images": 1,
+        "precision": "fp32",
+    },
+    "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+    "search": {
+        "algorithm": "optuna",
+        "seed": 1,
+        "num_samples": 6,
+        "max_concurrent_trials": 2,
+        "scheduler": {"grace_period": 1, "reduction_factor": 2},
+        "space": {
+            "train.lr": {"loguniform": [1.0e-4, 3.0e-2]},
+            "loss.alpha": {"choice": [0.0]},
+            "model.batch_norm": {"choice": [False, True]},
+        },
+    },
+}
+
+
+def cli(*args, timeout=120, cwd=REPO):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "tune.search", *args]
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, check=False, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def write_job(path: Path, job: dict) -> Path:
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+# --- job files and validation (no Ray) -----------------------------------------------------------
+
+
+def test_the_embedded_default_is_jobs_tune_samples():
+    assert load_search_job(None) == load_search_job(REPO / "jobs" / "tune-samples.yaml")
+    _, s = load_search_job(None)
+    assert s.num_samples >= 8 and s.space["loss.alpha"].args == (0.0,)  # runs without VGG weights
+    assert {
+        f"model.{f}"
+        for f in ("leaky_relu", "strided_conv", "conv_transpose", "batch_norm", "residual")
+    } <= set(s.space)
+
+
+@pytest.mark.parametrize("name", ["tune-samples.yaml", "tune-iaprtc12.yaml"])
+def test_job_files_start_with_their_command_and_validate(name):
+    first = (REPO / "jobs" / name).read_text().splitlines()[0]
+    assert first.startswith(f"# python -m tune.search --config jobs/{name}")
+    _, s = load_search_job(REPO / "jobs" / name)
+    assert s.metric == "val_psnr" and s.mode == "max" and s.max_epochs >= s.scheduler.grace_period
+
+
+def test_the_cluster_search_uses_gpus_and_searches_alpha():
+    cfg, s = load_search_job(REPO / "jobs" / "tune-iaprtc12.yaml")
+    assert (cfg.scaling.num_workers, cfg.scaling.gpus_per_worker) == (2, 1)
+    assert cfg.data.source.startswith("s3://") and cfg.run.storage.startswith("s3://")
+    assert 0.0 in s.space["loss.alpha"].args and max(s.space["loss.alpha"].args) > 0
+
+
+def test_a_sampled_alpha_decides_the_loss_kind():
+    cfg, s = load_search_job(REPO / "jobs" / "tune-iaprtc12.yaml")
+    mae = space.trial_config(cfg, {"loss.alpha": 0.0, "train.lr": 1e-3}, s)
+    assert (mae.loss.kind, mae.loss.alpha, mae.train.lr) == ("mae", 0.0, 1e-3)
+    comp = space.trial_config(
+        cfg,
+        {"loss.alpha": 0.02, "loss.perceptual_layers": "block2_conv2", "model.batch_norm": False},
+        s,
+    )
+    assert (comp.loss.kind, comp.loss.alpha) == ("composite", 0.02)
+    assert comp.loss.perceptual_layers == {"block2_conv2": 1.0}
+    assert comp.model.batch_norm is False and comp.model.residual is True  # arch default kept
+    assert comp.train.epochs == s.max_epochs
+
+
+def test_a_mapping_choice_survives_the_search_algorithms_scalars():
+    encoded = space.encode_choice({"block2_conv2": 0.5, "block5_conv4": 1.0})
+    assert isinstance(encoded, str)
+    assert space.decode_value("loss.perceptual_layers", encoded) == {
+        "block2_conv2": 0.5,
+        "block5_conv4": 1.0,
+    }
+
+
+def test_set_overrides_reach_the_search_section():
+    cfg, s = load_search_job(
+        None,
+        ["search.num_samples=3", "train.epochs=5", "search.space.train.lr={uniform: [1e-4, 2e-4]}"],
+    )
+    assert s.num_samples == 3 and s.max_epochs == 5 and cfg.train.epochs == 5
+    assert s.space["train.lr"] == space.Distribution("uniform", (1e-4, 2e-4))
+
+
+BAD_SPACES = [
+    ({"train.lrr": {"loguniform": [1e-4, 1e-2]}}, "search.space.train.lrr: unknown config key"),
+    ({"run.storage": {"choice": ["a", "b"]}}, "search.space.run.storage: not searchable"),
+    ({"train.lr": {"loguniform": [1e-2, 1e-4]}}, "search.space.train.lr: low 0.01 >= high"),
+    ({"train.lr": {"loguniform": [0, 1e-2]}}, "search.space.train.lr: loguniform low 0"),
+    ({"train.lr": {"normal": [0, 1]}}, "search.space.train.lr: got"),
+    ({"model.filters": {"uniform": [8, 32]}}, "search.space.model.filters: 8.0 is not a valid"),
+    ({"model.residual": {"choice": ["yes"]}}, "search.space.model.residual: 'yes' is not a valid"),
+    ({"loss.alpha": {"choice": [-1.0]}}, "search.space.loss.alpha: -1.0 is not a valid"),
+    (
+        {"loss.perceptual_layers": {"choice": ["block9_conv1"]}},
+        "search.space.loss.perceptual_layers: 'block9_conv1' is not a valid",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_SPACES)
+def test_bad_search_spaces_name_the_key(bad, message):
+    job = {**TINY_JOB, "search": {**TINY_JOB["search"], "space": bad}}
+    with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.").replace("[", r"\[")):
+        space.parse_search(job["search"], load_config(None, []))
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"scheduler": {"grace_period": 9}}, "search.scheduler.grace_period: got 9"),
+        ({"scheduler": {"reduction_factor": 1}}, "search.scheduler.reduction_factor: got 1"),
+        ({"metric": "psnr"}, "search.metric: got 'psnr'"),
+        ({"algorithm": "grid"}, "search.algorithm: got 'grid'"),
+        ({"num_samples": 0}, "search.num_samples: got 0"),
+        ({"tune": 1}, "search.tune: unknown key"),
+    ],
+)
+def test_bad_search_settings_name_the_key(tmp_path, section, message):
+    job = {**TINY_JOB, "search": {**TINY_JOB["search"], **section}}
+    with pytest.raises(ConfigError, match="^" + message):
+        load_search_job(write_job(tmp_path / "job.yaml", job))
+
+
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--set", "search.space.model.dropout={choice: [0.1]}"], "search.space.model.dropout"),
+        (["--set", "search.space.train.lr={loguniform: [1e-2, 1e-3]}"], "search.space.train.lr"),
+        (["--config", "jobs/samples-base.yaml"], "search: missing"),
+        (["--num-samples", "0"], "search.num_samples"),
+    ],
+)
+def test_the_cli_exits_2_with_one_line_naming_the_key(tmp_path, args, key):
+    p = cli(*args, "--output", str(tmp_path))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tune.search: error: ") and key in lines[0]
+    assert "Traceback" not in p.stderr and not any(tmp_path.iterdir())
+
+
+def test_concurrent_trials_fit_the_cluster_and_honour_the_job():
+    assert concurrent_trials({"CPU": 1}, {"CPU": 2.0}, 0) == 2
+    assert concurrent_trials({"CPU": 1}, {"CPU": 8.0}, 3) == 3
+    assert concurrent_trials({"CPU": 12, "GPU": 2}, {"CPU": 64.0, "GPU": 8.0}, 0) == 4
+    assert concurrent_trials({"CPU": 12, "GPU": 2}, {"CPU": 30.0, "GPU": 8.0}, 4) == 2
+    with pytest.raises(ConfigError, match=r"^scaling: a trial needs 2 CPU, 2 GPU .* has 2 CPU, 1 GPU"):
+        concurrent_trials({"CPU": 2, "GPU": 2}, {"CPU": 2.0, "GPU": 1.0}, 0)
+
+
+# --- one real search, interrupted and resumed -------------------------------------------------
+
+
+def _statuses(search_dir: Path) -> dict[str, str]:
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t.status for t in ExperimentAnalysis(str(search_dir)).trials}
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    """Runs the tiny search, Ctrl-C's it once a trial has finished, resumes it to the end."""
+    root = tmp_path_factory.mktemp("tune")
+    job = write_job(root / "tiny.yaml", TINY_JOB)
+    args = ["--config", str(job), "--output", str(root / "out"), "--name", "s"]
+    search_dir = root / "out" / "s"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = (root / "first.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tune.search", *args],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        # Two trials run at a time: a third run directory means at least one trial finished.
+        deadline = time.time() + 420
+        while time.time() < deadline and proc.poll() is None:
+            runs = search_dir / "runs"
+            if runs.is_dir() and len(list(runs.iterdir())) >= 3:
+                break
+            time.sleep(2)
+        assert proc.poll() is None, (root / "first.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        first_rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    before = _statuses(search_dir)
+    finished = {t for t, s in before.items() if s == "TERMINATED"}
+    metrics_before = {t: (search_dir / "runs" / t / "metrics.jsonl").read_text() for t in finished}
+    resumed = cli(*args, "--resume", timeout=600)
+    return {
+        "dir": search_dir,
+        "first_rc": first_rc,
+        "first_log": (root / "first.log").read_text(),
+        "before": before,
+        "finished": finished,
+        "metrics_before": metrics_before,
+        "resumed": resumed,
+        "after": _statuses(search_dir),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(search):
+    assert search["first_rc"] == 130, search["first_log"][-3000:]
+    assert "--resume --name s" in search["first_log"]
+    # Ctrl-C came after at least one trial finished and before the last one did.
+    assert search["finished"]
+    assert len(search["before"]) < 6 or set(search["before"].values()) != {"TERMINATED"}
+    r = search["resumed"]
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    after = search["after"]
+    assert len(after) == 6 and set(after.values()) == {"TERMINATED"}
+    assert search["finished"] <= set(after)
+    for trial, text in search["metrics_before"].items():  # finished trials never ran again
+        assert (search["dir"] / "runs" / trial / "metrics.jsonl").read_text() == text
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_asha_stops_weak_trials_and_results_csv_accounts_for_them(search):
+    rows = list(csv.DictReader((search["dir"] / "results.csv").open()))
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert {
+        "train.lr",
+        "loss.alpha",
+        "model.batch_norm",
+        "val_psnr",
+        "val_ssim",
+        "bicubic_psnr",
+        "epochs",
+        "stopped_early",
+        "checkpoint",
+    } <= set(rows[0])
+    epochs = [int(r["epochs"]) for r in rows]
+    stopped = [r for r in rows if r["stopped_by"] == "ASHA"]
+    assert stopped and all(int(r["epochs"]) < 4 for r in stopped)
+    assert max(epochs) == 4  # the rung leaders run to the end
+    assert rows[0]["rank"] == "1" and float(rows[0]["val_psnr"]) == max(
+        float(r["val_psnr"]) for r in rows
+    )
+    for r in rows:
+        assert 5 < float(r["bicubic_psnr"]) < 40
+        assert Path(r["checkpoint"], "model.keras").exists()  # every trial keeps its best
+        run = search["dir"] / "runs" / r["trial_id"]
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["epoch"] for x in lines] == list(range(1, int(r["epochs"]) + 1))
+    summary = (search["dir"] / "summary.md").read_text()
+    spent = sum(epochs)
+    assert f"Trial-epochs spent: **{spent}** of 24" in summary
+    assert f"ASHA stopped **{len(stopped)}** of 6 trials early" in summary
+    assert (search["dir"] / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_best_yaml_is_a_training_job_that_trains(search, tmp_path):
+    best = search["dir"] / "best.yaml"
+    assert best.read_text().startswith(f"# python -m srtrain.run --config {best}")
+    assert "search" not in yaml.safe_load(best.read_text())
+    cfg = load_config(best)
+    top = next(csv.DictReader((search["dir"] / "results.csv").open()))
+    assert cfg.train.lr == pytest.approx(float(top["train.lr"]))
+    assert cfg.model.batch_norm == (top["model.batch_norm"] == "True")
+    assert (cfg.model.filters, cfg.run.name) == (8, "")
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "srtrain.run",
+            "--local",
+            "--config",
+            str(best),
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.steps_per_epoch=1",
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "epoch 1/1" in p.stdout

@@ -1,0 +1,449 @@
+"""Search jobs: a training job plus a `search:` section, parsed and validated before Ray starts.
+
+```yaml
+search:
+  metric: val_psnr          # val_psnr | val_ssim | val_loss, reported by every epoch
+  mode: max
+  algorithm: optuna         # optuna (TPE) | hyperopt (TPE) | random; all seeded
+  seed: 2077
+  num_samples: 10           # trials
+  max_concurrent_trials: 0  # 0: as many as the cluster fits (scaling x concurrent <= cluster)
+  scheduler:                # ASHA, on the `epoch` each trial reports
+    grace_period: 2         # epochs every trial runs before it can be stopped
+    reduction_factor: 2     # keep the top 1/reduction_factor at each rung
+    max_epochs: 0           # epochs of a full trial; 0: train.epochs
+  space:                    # dotted config key -> distribution
+    train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+    loss.alpha: {choice: [0.0, 0.005, 0.02]}
+    model.filters: {choice: [32, 64]}
+    model.batch_norm: {choice: [false, true]}
+```
+
+Distributions: `{loguniform: [low, high]}`, `{uniform: [low, high]}`, `{randint: [low, high]}`
+(high excluded) and `{choice: [v1, v2, ...]}`. A choice of `loss.perceptual_layers` takes layer
+names or {layer: weight} mappings. A sampled `loss.alpha` decides `loss.kind`: 0 trains with MAE
+alone, alpha > 0 with MAE + alpha x VGG19 perceptual (`composite`).
+
+Every problem raises `ConfigError` naming the key path (`search.space.train.lr: ...`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from srtrain.config import (
+    ARCH_FLAGS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    parse_override,
+    read_yaml,
+    to_dict,
+)
+
+SEARCHABLE = (
+    "train.lr",
+    "train.plateau_factor",
+    "loss.alpha",
+    "loss.perceptual_layers",
+    *(f"model.{flag}" for flag in ARCH_FLAGS),
+    "model.filters",
+    "data.batch_size",
+    "data.patch_size",
+)
+KINDS = ("loguniform", "uniform", "randint", "choice")
+METRICS = ("val_psnr", "val_ssim", "val_loss")
+ALGORITHMS = ("optuna", "hyperopt", "random")
+
+# The search `python -m tune.search` runs with no --config; jobs/tune-samples.yaml is the same job
+# (tests/test_tune.py checks they agree). Sized to finish in about 10 minutes on 2 CPU cores:
+# small patches and filters, few steps per epoch, two one-worker trials at a time.
+DEFAULT_JOB: dict[str, Any] = {
+    "data": {"source": "samples", "patch_size": 64, "val_patch_size": 128, "batch_size": 8},
+    "model": {"arch": "base", "filters": 16},
+    "loss": {"kind": "mae"},
+    "train": {
+        "epochs": 8,
+        "steps_per_epoch": 60,
+        "lr": 1.0e-3,
+        "early_stop_patience": 0,
+        "sample_images": 2,
+    },
+    "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+    "search": {
+        "metric": "val_psnr",
+        "mode": "max",
+        "algorithm": "optuna",
+        "seed": 2077,
+        "num_samples": 10,
+        "max_concurrent_trials": 0,
+        "scheduler": {"grace_period": 2, "reduction_factor": 2, "max_epochs": 0},
+        "space": {
+            "train.lr": {"loguniform": [3.0e-4, 1.0e-2]},
+            # MAE only here: VGG19 ImageNet weights cannot be downloaded on this machine.
+            "loss.alpha": {"choice": [0.0]},
+            **{f"model.{flag}": {"choice": [False, True]} for flag in ARCH_FLAGS},
+            "model.filters": {"choice": [12, 16, 24]},
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    kind: str  # one of KINDS
+    args: tuple  # (low, high) for ranges, the values for a choice
+
+    def describe(self) -> str:
+        return f"{self.kind}{list(self.args)}"
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_epochs: int = 0  # 0: train.epochs
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    space: dict[str, Distribution] = field(default_factory=dict)
+    metric: str = "val_psnr"
+    mode: str = "max"
+    algorithm: str = "optuna"
+    seed: int = 0
+    num_samples: int = 8
+    max_concurrent_trials: int = 0
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    # Epochs of a full trial: scheduler.max_epochs or train.epochs (filled in by the loader).
+    max_epochs: int = 0
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_search_job(
+    path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> tuple[Config, SearchSettings]:
+    """Reads a search job (None: the embedded default), applies `--set` overrides, validates.
+
+    Returns the base training config (what every trial starts from) and the search settings.
+    `--set search.space.train.lr='{loguniform: [1e-4, 1e-2]}'` replaces one distribution.
+    """
+    data = read_yaml(path) if path else copy.deepcopy(DEFAULT_JOB)
+    data = _apply_overrides(data, list(overrides))
+    search = data.pop("search", None)
+    if search is None:
+        where = path or "the job"
+        raise ConfigError(
+            f"search: missing; {where} is a training job without a search section "
+            "(see jobs/tune-samples.yaml)"
+        )
+    cfg = from_dict(data)
+    return cfg, parse_search(search, cfg)
+
+
+def _apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Training keys go through srtrain's overrides; search.space.<dotted key> stays one key."""
+    plain = []
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[:2] == ["search", "space"] and len(keys) > 2:
+            search = data.setdefault("search", {})
+            if not isinstance(search, dict):
+                raise ConfigError(f"search: expected a mapping of keys, got {search!r}")
+            space = search.setdefault("space", {})
+            if not isinstance(space, dict):
+                raise ConfigError(f"search.space: expected a mapping of keys, got {space!r}")
+            space[".".join(keys[2:])] = value
+        else:
+            plain.append(text)
+    return apply_overrides(data, plain)
+
+
+def parse_search(data: Any, cfg: Config) -> SearchSettings:
+    """Validates a `search:` section against the training config it searches around."""
+    _require_mapping(data, "search")
+    names = [f.name for f in dataclasses.fields(SearchSettings) if f.name != "max_epochs"]
+    _reject_unknown(data, names, "search")
+    s = SearchSettings()
+    metric = data.get("metric", s.metric)
+    _check(metric in METRICS, "search.metric", metric, ", ".join(METRICS))
+    mode = data.get("mode", s.mode)
+    _check(mode in ("max", "min"), "search.mode", mode, "max or min")
+    algorithm = data.get("algorithm", s.algorithm)
+    _check(algorithm in ALGORITHMS, "search.algorithm", algorithm, ", ".join(ALGORITHMS))
+    seed = data.get("seed", s.seed)
+    _check(_is_int(seed) and seed >= 0, "search.seed", seed, "an integer >= 0")
+    num_samples = data.get("num_samples", s.num_samples)
+    _check(
+        _is_int(num_samples) and num_samples >= 1,
+        "search.num_samples",
+        num_samples,
+        "an integer >= 1",
+    )
+    concurrent = data.get("max_concurrent_trials", s.max_concurrent_trials)
+    _check(
+        _is_int(concurrent) and concurrent >= 0,
+        "search.max_concurrent_trials",
+        concurrent,
+        "an integer >= 0 (0: as many as the cluster fits)",
+    )
+    scheduler = _parse_scheduler(data.get("scheduler") or {}, cfg)
+    space = _parse_space(data.get("space"), cfg)
+    return SearchSettings(
+        space=space,
+        metric=metric,
+        mode=mode,
+        algorithm=algorithm,
+        seed=seed,
+        num_samples=num_samples,
+        max_concurrent_trials=concurrent,
+        scheduler=scheduler,
+        max_epochs=scheduler.max_epochs or cfg.train.epochs,
+    )
+
+
+def _parse_scheduler(data: Any, cfg: Config) -> SchedulerSettings:
+    _require_mapping(data, "search.scheduler")
+    _reject_unknown(
+        data, [f.name for f in dataclasses.fields(SchedulerSettings)], "search.scheduler"
+    )
+    d = SchedulerSettings()
+    max_epochs = data.get("max_epochs", d.max_epochs)
+    _check(
+        _is_int(max_epochs) and max_epochs >= 0,
+        "search.scheduler.max_epochs",
+        max_epochs,
+        "an integer >= 0 (0: train.epochs)",
+    )
+    epochs = max_epochs or cfg.train.epochs
+    grace = data.get("grace_period", d.grace_period)
+    _check(
+        _is_int(grace) and 1 <= grace <= epochs,
+        "search.scheduler.grace_period",
+        grace,
+        f"an integer in [1, {epochs}] (the epochs of a full trial)",
+    )
+    factor = _number(data.get("reduction_factor", d.reduction_factor))
+    _check(
+        factor is not None and factor > 1,
+        "search.scheduler.reduction_factor",
+        data.get("reduction_factor"),
+        "a number > 1",
+    )
+    return SchedulerSettings(
+        grace_period=grace, reduction_factor=float(factor), max_epochs=max_epochs
+    )
+
+
+def _parse_space(data: Any, cfg: Config) -> dict[str, Distribution]:
+    _require_mapping(data, "search.space")
+    if not data:
+        raise ConfigError("search.space: empty; map at least one config key to a distribution")
+    space = {}
+    for key, spec in data.items():
+        path = f"search.space.{key}"
+        if not isinstance(key, str) or not _known_key(str(key)):
+            raise ConfigError(f"{path}: unknown config key (searchable: {', '.join(SEARCHABLE)})")
+        if key not in SEARCHABLE:
+            raise ConfigError(f"{path}: not searchable (searchable: {', '.join(SEARCHABLE)})")
+        space[key] = _parse_distribution(spec, path)
+    base = to_dict(cfg)
+    for key, dist in space.items():
+        for value in _probe_values(dist):
+            _check_value(base, key, value, f"search.space.{key}")
+    if "loss.alpha" in space and any(v > 0 for v in _probe_values(space["loss.alpha"])):
+        # alpha > 0 trains the composite loss: its layers and weights must be valid too.
+        probe = _set(base, "loss.kind", "composite")
+        _check_value(
+            probe, "loss.alpha", max(_probe_values(space["loss.alpha"])), "search.space.loss.alpha"
+        )
+    return space
+
+
+def _parse_distribution(spec: Any, path: str) -> Distribution:
+    usage = (
+        "expected one of {loguniform: [low, high]}, {uniform: [low, high]}, "
+        "{randint: [low, high]}, {choice: [v1, v2, ...]}"
+    )
+    if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in KINDS:
+        raise ConfigError(f"{path}: got {spec!r}, {usage}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{path}: choice needs a non-empty list of values, got {args!r}")
+        # YAML 1.1 leaves 1e-3 a string; a number-looking string is the number.
+        return Distribution(
+            "choice",
+            tuple(_number(a) if _number(a) is not None and isinstance(a, str) else a for a in args),
+        )
+    bounds = [_number(a) for a in args] if isinstance(args, list) and len(args) == 2 else None
+    if bounds is None or None in bounds:
+        raise ConfigError(f"{path}: {kind} needs [low, high] numbers, got {args!r}")
+    low, high = bounds
+    if kind == "randint":
+        if not all(float(b).is_integer() for b in bounds):
+            raise ConfigError(f"{path}: randint needs integer bounds, got {args!r}")
+        low, high = int(low), int(high)
+    if low >= high:
+        raise ConfigError(f"{path}: low {low} >= high {high}; expected low < high")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{path}: loguniform low {low} <= 0; expected 0 < low < high")
+    return Distribution(kind, (low, high))
+
+
+def _probe_values(dist: Distribution) -> list:
+    """Values that stand for everything a distribution can sample, for type and range checks."""
+    if dist.kind == "choice":
+        return list(dist.args)
+    low, high = dist.args
+    if dist.kind == "randint":
+        return [low, high - 1]
+    return [float(low), float(high)]
+
+
+def _check_value(base: dict, key: str, value: Any, path: str) -> None:
+    try:
+        from_dict(_set(_with_param(base, key, value), key, decode_value(key, value)))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {value!r} is not a valid value ({e})") from None
+
+
+def _known_key(key: str) -> bool:
+    cls: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return not dataclasses.is_dataclass(cls)
+
+
+# --- trials -------------------------------------------------------------------------------------
+
+
+def encode_choice(value: Any) -> Any:
+    """Search algorithms take scalars only: a mapping or list becomes its YAML flow text."""
+    if isinstance(value, (Mapping, list)):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    return value
+
+
+def decode_value(key: str, value: Any) -> Any:
+    """A sampled value -> the config value (perceptual layers: a name, a list or a mapping)."""
+    if key == "loss.perceptual_layers":
+        if isinstance(value, str) and value[:1] in "[{":
+            value = yaml.safe_load(value)
+        if isinstance(value, str):
+            return {value: 1.0}
+        if isinstance(value, list):
+            return {str(name): 1.0 for name in value}
+    return value
+
+
+def trial_config(base: Config, params: Mapping[str, Any], settings: SearchSettings) -> Config:
+    """The training config of one trial: the base job with the sampled values applied.
+
+    A sampled loss.alpha also sets loss.kind (0: mae, > 0: composite), and trials train for
+    the scheduler's max_epochs.
+    """
+    data = to_dict(base)
+    for key, value in params.items():
+        data = _with_param(data, key, value)
+        data = _set(data, key, decode_value(key, value))
+    data = _set(data, "train.epochs", settings.max_epochs)
+    # Mid-epoch checkpoints would report rows without val metrics, which ASHA cannot rank.
+    data = _set(data, "train.checkpoint_every_steps", 0)
+    return from_dict(data)
+
+
+def _with_param(data: dict, key: str, value: Any) -> dict:
+    if key == "loss.alpha":
+        return _set(data, "loss.kind", "composite" if _number(value) else "mae")
+    return data
+
+
+def flat_params(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Tune's nested trial config -> {dotted key: value}."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}.{kk}": vv for kk, vv in flat_params(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def param_space(settings: SearchSettings) -> dict[str, Any]:
+    """Ray Tune's nested search space ({"train": {"lr": tune.loguniform(...)}})."""
+    import ray.tune
+
+    make = {
+        "loguniform": lambda a: ray.tune.loguniform(*a),
+        "uniform": lambda a: ray.tune.uniform(*a),
+        "randint": lambda a: ray.tune.randint(*a),
+        "choice": lambda a: ray.tune.choice([encode_choice(v) for v in a]),
+    }
+    space: dict[str, Any] = {}
+    for key, dist in settings.space.items():
+        section, name = key.split(".", 1)
+        space.setdefault(section, {})[name] = make[dist.kind](dist.args)
+    return space
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _set(data: dict, key: str, value: Any) -> dict:
+    data = copy.deepcopy(data)
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return data
+
+
+def _require_mapping(data: Any, path: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {data!r}")
+
+
+def _reject_unknown(data: Mapping, names: list[str], path: str) -> None:
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(names)})")
+
+
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: got {value!r}, allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> float | None:
+    """An int/float, or a string YAML 1.1 left unparsed such as '1e-4'."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return v if math.isfinite(v) else None
+    if isinstance(v, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", v.strip(), re.I):
+        return float(v)
+    return None
