@@ -230,6 +230,7 @@ def build_trainer(cfg: Config, run_dir: str, name: str, **run_config_kw):
 
 def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
     ensure_ray()
+    signal.signal(signal.SIGTERM, _interrupt)  # ray.init installed its own (a bare sys.exit)
     result = build_trainer(cfg, run_dir, name).fit()
     if result.error:
         raise result.error
