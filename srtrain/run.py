@@ -251,6 +251,12 @@ def _uri(cfg: Config, path: str) -> str:
 # --- entry point --------------------------------------------------------------------------------
 
 
+def _vgg_error() -> type[Exception]:
+    from srtrain.losses import VGGWeightsError
+
+    return VGGWeightsError
+
+
 def _interrupt(signum, frame) -> None:
     # SIGTERM (kubectl delete, a scheduler's stop) takes the same path as Ctrl-C: Ray aborts the
     # run and shuts down what it started; the checkpoints written so far stay for --resume.
@@ -272,11 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not resuming:
             # A Kubernetes retry or a first start with --resume: nothing to continue yet.
             print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it", flush=True)
+        if cfg.loss.kind == "composite":  # fail before any work when VGG weights are missing
+            from srtrain import losses
+
+            losses.fetch_weights(cfg.loss.vgg_weights, cfg.data.endpoint_url, cfg.data.region)
         write_run_files(cfg, run_dir, argv)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except storage.StorageError as e:
+    except (storage.StorageError, _vgg_error()) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     mode = "local (no Ray)" if args.local else f"Ray, {cfg.scaling.num_workers} worker(s)"
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with --resume --name {name}", file=sys.stderr)
         return 130
-    except (storage.StorageError, ConfigError) as e:
+    except (storage.StorageError, ConfigError, _vgg_error()) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # a worker's error reaches us wrapped; show its last line

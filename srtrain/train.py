@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from srtrain import checkpoints, data, losses, metrics, models, storage
+from srtrain import checkpoints, data, losses, metrics, models, storage, tensorboard
 from srtrain.config import Config
 
 log = logging.getLogger("srtrain.train")
@@ -233,7 +233,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         model = models.from_config(cfg.model, scale, dtype=policy)
         optimizer = make_optimizer(base_lr, policy)
         optimizer.build(model.trainable_variables)
-    loss_fn = losses.build_loss(cfg.loss, dtype=policy)
+    loss_fn = losses.build_loss(
+        cfg.loss, dtype=policy, endpoint_url=cfg.data.endpoint_url, region=cfg.data.region
+    )
     export_model = models.from_config(cfg.model, scale) if ctx.chief else None
 
     state, best_weights = checkpoints.TrainState(lr=base_lr), None
@@ -247,6 +249,11 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
     val_ds = data.eval_dataset(cfg, index=ctx.rank, count=ctx.world_size)
     train_step = make_train_step(strategy, model, optimizer, loss_fn, global_batch, cfg.train.jit)
     eval_step = make_eval_step(model, loss_fn, scale)
+    tb = (
+        tensorboard.TensorBoardWriter(ctx.run_dir, cfg, val_ds, images=cfg.train.sample_images)
+        if ctx.chief
+        else None
+    )
 
     if ctx.chief:
         ctx.log_fn(
@@ -321,6 +328,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         if ctx.chief:
             ctx.log_fn(_progress_line(row, cfg.train.epochs))
             metrics_log.append(row)
+            tb.epoch(row, model)
         _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights, row)
 
     if best_weights is not None:
@@ -344,6 +352,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         "protocol": "seed (RGB, [0, 1], whole center crop)",
     }
     if ctx.chief:
+        tb.close()
         _write_samples(cfg, ctx, model, val_ds)
     return result
 
