@@ -1,7 +1,7 @@
 """The degradation that turns a clean HR patch into the model's LR input, in TensorFlow ops.
 
-HR -> area downsample by `scale` -> Gaussian blur (kernel x kernel, sigma) -> additive Gaussian noise
-(sigma on the 0-255 scale) -> clip to [0, 1]: the original project's recipe, with its defaults
+HR -> area downsample by `scale` -> Gaussian blur (kernel x kernel, sigma) -> additive Gaussian
+noise (sigma on the 0-255 scale) -> clip to [0, 1]: the original project's recipe, with its defaults
 (x2, 5x5, sigma 1.0, noise 10) in `DegradationConfig`. Everything is graph ops so it runs inside
 tf.data on any worker; randomness is stateless and seeded, so training draws fresh noise per
 element (from a per-element seed) and evaluation is deterministic (a fixed seed per image).

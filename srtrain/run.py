@@ -23,8 +23,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter off the console
 
-from srtrain import storage  # noqa: E402
-from srtrain.config import Config, ConfigError, load_config, to_dict, to_yaml  # noqa: E402
+from srtrain import storage
+from srtrain.config import Config, ConfigError, load_config, to_dict, to_yaml
 
 PROG = "srtrain.run"
 

@@ -123,7 +123,7 @@ def make_train_step(strategy, model, optimizer, loss_fn, global_batch: int, jit:
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
 
     @tf.function(jit_compile=jit)
@@ -155,7 +155,7 @@ def make_eval_step(model, loss_fn, scale: int):
 
 def _allreduce_sum(strategy, values: np.ndarray) -> np.ndarray:
     """Sums a vector over workers (every worker must call this the same number of times)."""
-    if strategy.extended._in_multi_worker_mode():  # noqa: SLF001 (no public equivalent)
+    if strategy.extended._in_multi_worker_mode():
         local_replicas = len(strategy.extended.worker_devices)
         local = tf.constant(values / local_replicas, tf.float64)
         per_replica = strategy.run(lambda: tf.identity(local))

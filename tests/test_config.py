@@ -86,6 +86,6 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_override_syntax():
     assert parse_override("a.b=c") == (["a", "b"], "c")
-    with pytest.raises(ConfigError, match="dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"dotted\.key=value"):
         parse_override("novalue")
     assert apply_overrides({"a": {"x": 1}}, ["a.y=2"]) == {"a": {"x": 1, "y": 2}}
