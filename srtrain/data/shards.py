@@ -190,9 +190,7 @@ class Checked:
     reason: str = ""  # non-empty: skipped
 
 
-def check_image(  # noqa: PLR0911 (one return per reason to skip)
-    relpath: str, data: bytes | str | Exception, min_size: int
-) -> Checked:
+def check_image(relpath: str, data: bytes | str | Exception, min_size: int) -> Checked:
     """Decodes an image fully (catching truncation) and says whether and why to skip it."""
     from PIL import Image, UnidentifiedImageError
 
@@ -482,36 +480,53 @@ def read_shard(
     cache_key: str = "",
     columns: tuple[str, ...] = ("id", "image", "height", "width"),
 ) -> Iterator[tuple]:
-    """Rows of one shard as tuples of `columns`, streamed one row group at a time.
+    """Rows of one shard as tuples of `columns`, streamed one row group at a time."""
+    for block in read_shard_blocks(uri, endpoint_url, region, cache_key, columns):
+        yield from zip(*block, strict=True)
 
-    Transient storage errors are retried with backoff; a retry resumes after the rows already
-    yielded. With `cache_key` (the shard checksum) an S3 shard is first copied to the local cache
-    and read from there, on this and later epochs.
+
+def read_shard_blocks(
+    uri: str,
+    endpoint_url: str = "",
+    region: str = "",
+    cache_key: str = "",
+    columns: tuple[str, ...] = ("id", "image", "height", "width"),
+) -> Iterator[tuple[list, ...]]:
+    """One shard, one row group at a time: [column values...] per block of ROW_GROUP rows.
+
+    An S3 shard is first copied to a local file with one streaming GET (retried with backoff on
+    transient errors) and read from there; with `cache_key` (the shard checksum) the copy stays
+    in the cache directory for later epochs, else it is deleted after the pass. A transient error
+    on a local read resumes at the first row group not yet delivered.
     """
-    if cache_key and storage.is_s3(uri):
-        local = cache_dir() / f"{cache_key}.parquet"
-        if not local.exists():
-            storage.download(uri, local, endpoint_url, region)
-        uri = str(local)
+    if storage.is_s3(uri):
+        # One streaming GET per shard into a local file beats a ranged request per row group
+        # (measured: bench/pipeline.py); without the cache the file is gone after the pass.
+        local = cache_dir() / (f"{cache_key}.parquet" if cache_key else "spool")
+        if not cache_key:
+            local.mkdir(parents=True, exist_ok=True)
+            fd, spool = tempfile.mkstemp(dir=local, suffix=".parquet")
+            os.close(fd)
+            local = Path(spool)
+        try:
+            if not cache_key or not local.exists():
+                storage.download(uri, local, endpoint_url, region)
+            yield from read_shard_blocks(str(local), columns=columns)
+        finally:
+            if not cache_key:
+                local.unlink(missing_ok=True)
+        return
     fs, path = storage.resolve(uri, endpoint_url, region)
-    done, attempt, delay = 0, 0, 0.5
+    done, attempt, delay = 0, 0, 0.5  # done: row groups delivered
     while True:
         try:
-            f = fs.open_input_file(path)
-            with f:
-                pf = pq.ParquetFile(f)
-                seen = 0
-                for g in range(pf.num_row_groups):
-                    n = pf.metadata.row_group(g).num_rows
-                    if seen + n <= done:
-                        seen += n
-                        continue
+            with fs.open_input_file(path) as f:
+                # pre_buffer: one coalesced range request per row group, not one per column page.
+                pf = pq.ParquetFile(f, pre_buffer=True)
+                for g in range(done, pf.num_row_groups):
                     table = pf.read_row_group(g, columns=list(columns))
-                    cols = [table.column(c).to_pylist() for c in columns]
-                    for row in list(zip(*cols, strict=True))[done - seen :]:
-                        yield row
-                        done += 1
-                    seen = done
+                    yield tuple(table.column(c).to_pylist() for c in columns)
+                    done += 1
             return
         except OSError as e:
             attempt += 1
@@ -567,20 +582,24 @@ def records(cfg, split: str, index: int = 0, count: int = 1):
         )
     log.info("pipeline %d/%d reads shards: %s", index, count, ",".join(mine))
     keys = {sh["name"]: sh["sha256"] if d.cache else "" for sh in shards}
+    # A row group per Python call (not a row): the generator crosses into Python rarely.
     spec = (
-        tf.TensorSpec([], tf.string),
-        tf.TensorSpec([], tf.string),
-        tf.TensorSpec([], tf.int32),
-        tf.TensorSpec([], tf.int32),
+        tf.TensorSpec([None], tf.string),
+        tf.TensorSpec([None], tf.string),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None], tf.int32),
     )
 
     @tf.autograph.experimental.do_not_convert  # a Python generator: nothing to convert
     def shard_rows(name: tf.Tensor) -> tf.data.Dataset:
         def gen(n: bytes):
             n = n.decode()
-            yield from read_shard(storage.join(d.source, n), d.endpoint_url, d.region, keys[n])
+            yield from read_shard_blocks(
+                storage.join(d.source, n), d.endpoint_url, d.region, keys[n]
+            )
 
-        return tf.data.Dataset.from_generator(gen, output_signature=spec, args=(name,))
+        blocks = tf.data.Dataset.from_generator(gen, output_signature=spec, args=(name,))
+        return blocks.unbatch()
 
     cycle = min(len(mine), 8)
     ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
