@@ -66,7 +66,8 @@ def decode_window(image: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: int) 
     """The size x size window at (top, left) of an encoded image, (size, size, 3) uint8.
 
     JPEG decodes only the rows and columns it needs (tf.io.decode_and_crop_jpeg); other formats
-    decode whole and are sliced. Both give the same pixels.
+    decode whole and are sliced. Both give the same pixels, except that JPEG chroma upsampling
+    sees no neighbour past the window's last column and row (a few levels there, at most).
     """
 
     def jpeg():

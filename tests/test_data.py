@@ -1,0 +1,197 @@
+"""The tf.data pipeline: patch decoding, augmentation, batch degradation, shard reading."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from srtrain import data
+from srtrain import degrade as degrade_ops
+from srtrain.config import load_config
+from srtrain.data import shards
+
+
+def encoded(fmt: str, w: int = 300, h: int = 280, seed: int = 0) -> tuple[bytes, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue(), arr
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A local shard dataset of 24 synthetic JPEG/PNG photos in 6 train shards."""
+    src = tmp_path_factory.mktemp("photos")
+    for i in range(24):
+        fmt = "PNG" if i % 4 == 0 else "JPEG"
+        data_bytes, _ = encoded(fmt, 260 + 7 * i, 256 + 3 * i, seed=i)
+        (src / f"p{i:02d}.{fmt.lower()}").write_bytes(data_bytes)
+    dest = tmp_path_factory.mktemp("shards")
+    m = shards.build(
+        str(src),
+        str(dest),
+        split={"train": 0.75, "val": 0.25},
+        shard_size=60_000,
+        workers=1,
+        progress=False,
+    )
+    assert len(m["splits"]["train"]["shards"]) >= 4
+    return dest, m
+
+
+def cfg_for(dest, *extra):
+    return load_config(
+        None, [f"data.source={dest}", "data.patch_size=64", "data.batch_size=4", *extra]
+    )
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decode_window_equals_decode_then_slice(fmt):
+    img, _ = encoded(fmt)
+    full = data.decode(tf.constant(img)).numpy()
+    win = data.decode_window(tf.constant(img), tf.constant(17), tf.constant(40), 64).numpy()
+    ref = full[17:81, 40:104]
+    # libjpeg's chroma upsampling sees no neighbour beyond the window's last column/row.
+    np.testing.assert_array_equal(win[:-1, :-1], ref[:-1, :-1])
+    assert np.abs(win.astype(int) - ref).mean() < 0.5
+
+
+def test_image_shape_from_header_or_columns():
+    jpg, _ = encoded("JPEG", 300, 280)
+    png, _ = encoded("PNG", 290, 270)
+    for blob, hw in ((jpg, (280, 300)), (png, (270, 290))):
+        h, w = data.image_shape({"image": tf.constant(blob)})
+        assert (int(h), int(w)) == hw
+    h, w = data.image_shape({"image": tf.constant(b""), "height": 5, "width": 6})
+    assert (h, w) == (5, 6)
+
+
+def test_random_window_is_uniform_over_valid_offsets():
+    tops, lefts = [], []
+    for i in range(2000):
+        t, left = data.random_window(tf.constant(70), tf.constant(67), 64, tf.constant([i, 7]))
+        tops.append(int(t))
+        lefts.append(int(left))
+    assert sorted(set(tops)) == list(range(7)) and sorted(set(lefts)) == list(range(4))
+    counts = np.bincount(tops) / len(tops)
+    assert np.all(np.abs(counts - 1 / 7) < 0.03), counts
+
+
+def test_random_patch_is_a_flip_rot90_of_a_window():
+    blob, arr = encoded("PNG", 100, 90)
+    patch = data.random_patch(
+        tf.constant(blob), tf.constant(90), tf.constant(100), 64, tf.constant([3, 4], tf.int64)
+    ).numpy()
+    candidates = []
+    for top in range(90 - 63):
+        for left in range(100 - 63):
+            win = arr[top : top + 64, left : left + 64]
+            for flipped in (win, win[:, ::-1]):
+                candidates += [np.rot90(flipped, k) for k in range(4)]
+    assert any(np.array_equal(patch, c) for c in candidates)
+
+
+def test_gaussian_noise_is_standard_normal():
+    z = data.gaussian_noise(tf.constant([200, 101, 3]), tf.constant([1, 2], tf.int64), 2.0)
+    z = z.numpy()
+    assert z.shape == (200, 101, 3)
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 2.0) < 0.02
+    assert abs((np.abs(z) > 2.0).mean() - 0.3173) < 0.01  # P(|N(0,1)| > 1)
+
+
+def test_degrade_batch_matches_degrade_without_noise():
+    cfg = load_config(None, ["degradation.noise_sigma=0"])
+    hr = tf.cast(tf.random.stateless_uniform([3, 64, 64, 3], [1, 2]) * 255, tf.uint8)
+    lr, hr_f = data.degrade_batch(hr, tf.constant([[1, 2]] * 3, tf.int64), cfg)
+    expect = degrade_ops.degrade(data.to_float(hr), cfg.degradation, tf.constant([0, 0]))
+    np.testing.assert_allclose(lr.numpy(), expect.numpy(), atol=1e-6)
+    assert hr_f.dtype == tf.float32 and lr.shape == (3, 32, 32, 3)
+
+
+def test_train_dataset_from_shards(dataset):
+    dest, _ = dataset
+    cfg = cfg_for(dest)
+    batches = list(data.train_dataset(cfg, seed=5).take(3))
+    for lr, hr in batches:
+        assert lr.shape == (4, 32, 32, 3) and hr.shape == (4, 64, 64, 3)
+        assert (
+            lr.dtype == tf.float32
+            and 0 <= float(tf.reduce_min(lr)) <= float(tf.reduce_max(lr)) <= 1
+        )
+    again = list(data.train_dataset(cfg, seed=5).take(3))
+    for (a, b), (c, d) in zip(batches, again, strict=True):  # reproducible from the seed
+        np.testing.assert_array_equal(a.numpy(), c.numpy())
+        np.testing.assert_array_equal(b.numpy(), d.numpy())
+
+
+def test_eval_dataset_is_deterministic_and_complete(dataset):
+    dest, m = dataset
+    cfg = cfg_for(dest, "data.val_patch_size=128")
+    ids = [k for k, _, _ in data.eval_dataset(cfg).unbatch().as_numpy_iterator()]
+    assert len(ids) == m["splits"]["val"]["images"]
+    a = [x.numpy() for _, x, _ in data.eval_dataset(cfg)]
+    b = [x.numpy() for _, x, _ in data.eval_dataset(cfg)]
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_pipelines_read_disjoint_shards_and_say_so(dataset, caplog):
+    dest, m = dataset
+    cfg = cfg_for(dest)
+    seen = []
+    with caplog.at_level(logging.INFO, logger="srtrain.data"):
+        for i in range(2):
+            ids = data.records(cfg, "train", i, 2).map(lambda r: r["id"])
+            seen.append({x.decode() for x in ids.as_numpy_iterator()})
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == m["splits"]["train"]["images"]
+    lines = [r.getMessage() for r in caplog.records if "reads shards" in r.getMessage()]
+    parts = [set(line.split(": ", 1)[1].split(",")) for line in lines]
+    assert lines[0].startswith("pipeline 0/2 reads shards: ") and not parts[0] & parts[1]
+
+
+def test_fewer_shards_than_pipelines_falls_back_to_elements(dataset, caplog):
+    dest, m = dataset
+    cfg = cfg_for(dest)
+    n = len(m["splits"]["val"]["shards"])
+    count = n + 1
+    seen = []
+    with caplog.at_level(logging.INFO, logger="srtrain.data"):
+        for i in range(count):
+            ids = data.records(cfg, "val", i, count).map(lambda r: r["id"])
+            seen.append([x.decode() for x in ids.as_numpy_iterator()])
+    flat = [x for part in seen for x in part]
+    assert sorted(flat) == sorted(set(flat)) and len(flat) == m["splits"]["val"]["images"]
+    assert any("sharding element-wise" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_split_is_a_config_error(dataset):
+    from srtrain.config import ConfigError
+
+    dest, _ = dataset
+    with pytest.raises(ConfigError, match="has splits train, val"):
+        data.records(cfg_for(dest), "test")
+
+
+def test_missing_shard_fails_fast(dataset, tmp_path):
+    from srtrain.storage import StorageError
+
+    dest, m = dataset
+    for p in dest.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    victim = m["splits"]["train"]["shards"][1]["name"]
+    (tmp_path / victim).unlink()
+    with pytest.raises(StorageError, match=rf"{victim}: shard listed in the manifest is missing"):
+        data.train_dataset(cfg_for(tmp_path))
+
+
+def test_samples_pipeline_still_works():
+    cfg = load_config(None, ["data.patch_size=64", "data.batch_size=2"])
+    lr, hr = next(iter(data.train_dataset(cfg)))
+    assert lr.shape == (2, 32, 32, 3) and hr.shape == (2, 64, 64, 3)
