@@ -270,7 +270,7 @@ def summary_md(
         "## Best",
         "",
         f"Trial {top[0].trial_id}: val PSNR {_num(winner.get('val_psnr'), 2)} dB "
-        f"({gain:+.2f} dB over bicubic {_num(winner.get('bicubic_psnr'), 2)} dB), val SSIM "
+        f"({gain:+.2f} dB vs bicubic {_num(winner.get('bicubic_psnr'), 2)} dB), val SSIM "
         f"{_num(winner.get('val_ssim'), 3)}, at epoch {int(winner['epoch'])} of {top[0].epochs}.",
         f"Checkpoint: `{checkpoint_uri(winner, search_dir) or 'none'}`.",
         f"Train it again as a job: `python -m srtrain.run --config {best_yaml}`.",
@@ -306,6 +306,7 @@ def figure(rows: list[TrialRow], settings: SearchSettings) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     top = ranked(rows, settings)
@@ -334,6 +335,7 @@ def figure(rows: list[TrialRow], settings: SearchSettings) -> bytes:
     ax.set(
         xlabel="epoch", ylabel="val PSNR (dB)", title="val PSNR per trial (dashed: stopped by ASHA)"
     )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7, ncol=2)
     for ax, key, label in (
         (axes[1], "train.lr", "learning rate"),
