@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -260,7 +263,7 @@ def test_assign_shards_disjoint_or_elementwise():
 
 
 @pytest.mark.s3
-def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_path, capsys):  # noqa: PLR0917
+def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_path, capsys):
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
     dest = f"s3://{s3.bucket}/datasets/planted"
@@ -285,9 +288,7 @@ def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_pa
 
 @pytest.mark.s3
 @pytest.mark.parametrize("problem", ["missing bucket", "bad credentials", "missing manifest"])
-def test_training_job_fails_fast_with_one_line(  # noqa: PLR0917
-    s3, s3_env, problem, tmp_path, monkeypatch, capsys
-):
+def test_training_job_fails_fast_with_one_line(s3, s3_env, problem, tmp_path, monkeypatch, capsys):
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
     source = f"s3://{s3.bucket}/datasets/nothing-here"
@@ -321,3 +322,96 @@ def test_training_job_fails_fast_with_one_line(  # noqa: PLR0917
     }[problem]
     assert expected in err[-1], err
     assert len(err) == 1, err
+
+
+# --- end to end: a 2-worker Ray training run streaming shards from S3 ---------------------------
+
+LOG_SETUP = """\
+import logging, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+logging.getLogger("srtrain.data").setLevel(logging.INFO)
+"""
+
+
+@pytest.mark.s3
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, monkeypatch):
+    if not (DATASETS / "bsd200").is_dir():
+        pytest.skip(f"{DATASETS} is absent")
+    src = tmp_path / "src"
+    (src / "bsd200").mkdir(parents=True)
+    for p in sorted((DATASETS / "bsd200").glob("*.png"))[:12]:
+        (src / "bsd200" / p.name).write_bytes(p.read_bytes())
+    (src / "t91").mkdir()
+    for p in sorted((DATASETS / "t91").glob("*.png"))[:3]:
+        (src / "t91" / p.name).write_bytes(p.read_bytes())
+    plant_bad_files(src)
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    dest = f"s3://{s3.bucket}/datasets/ray-e2e"
+    m = shards.build(
+        str(src),
+        dest,
+        split={"train": 0.6, "val": 0.4},
+        shard_size=200_000,
+        workers=1,
+        progress=False,
+    )
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    for path, why in PLANTED.items():
+        assert reasons[path].startswith(why)
+    assert all(
+        reasons[f"t91/{p.name}"].startswith("too small")
+        for p in sorted((DATASETS / "t91").glob("*.png"))[:3]
+    )
+    assert len(m["splits"]["train"]["shards"]) >= 2
+
+    # Ray workers inherit the environment: S3 settings, and INFO logs of srtrain.data on stderr.
+    (tmp_path / "logsetup").mkdir()
+    (tmp_path / "logsetup" / "sitecustomize.py").write_text(LOG_SETUP)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(s3_env)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "logsetup"), str(REPO)])
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["RAY_DEDUP_LOGS"] = "0"  # the two workers' lines differ only in digits: keep both
+    sets = [
+        "scaling.num_workers=2",
+        f"data.source={dest}",
+        "data.patch_size=64",
+        "data.batch_size=2",
+        "data.val_images=4",
+        "model.filters=8",
+        "train.epochs=1",
+        "train.steps_per_epoch=3",
+    ]
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "srtrain.run",
+            *[a for s in sets for a in ("--set", s)],
+            "--output",
+            str(tmp_path / "runs"),
+            "--name",
+            "e2e",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    reads = {}
+    for line in out.splitlines():
+        hit = re.search(r"pipeline (\d)/2 reads shards: (\S+)", line)
+        if hit:
+            reads[int(hit.group(1))] = set(hit.group(2).split(","))
+    assert set(reads) == {0, 1}, out[-4000:]
+    assert not reads[0] & reads[1]
+    train_shards = {s["name"] for s in m["splits"]["train"]["shards"]}
+    assert reads[0] | reads[1] == train_shards
+    assert (tmp_path / "runs" / "e2e" / "result.json").exists()
