@@ -241,11 +241,11 @@ def search(tmp_path_factory):
         start_new_session=True,
     )
     try:
-        # Two trials run at a time: a third run directory means at least one trial finished.
+        # Two trials run at a time: a third run directory means at least one trial ended.
         deadline = time.time() + 420
         while time.time() < deadline and proc.poll() is None:
-            runs = search_dir / "runs"
-            if runs.is_dir() and len(list(runs.iterdir())) >= 3:
+            runs = list((search_dir / "runs").glob("*/metrics.jsonl"))
+            if len(list((search_dir / "runs").iterdir())) >= 3 and runs:
                 break
             time.sleep(2)
         assert proc.poll() is None, (root / "first.log").read_text()[-3000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class TrialRow:
 
     def best(self, metric: str, mode: str) -> dict | None:
         rows = [r for r in self.history if _finite(r.get(metric))]
+        # Epochs a stopped trial trained after Tune stopped listening have no checkpoint in Tune's
+        # records (and ASHA never ranked them): the best is chosen among the epochs Tune saw.
+        rows = [r for r in rows if r.get("checkpoint_path")] or rows
         if not rows:
             return None
         pick = max if mode == "max" else min
@@ -56,7 +60,12 @@ class TrialRow:
 
 
 def collect(search_dir: str, settings: SearchSettings, cfg: Config) -> list[TrialRow]:
-    """One TrialRow per trial Tune knows, read from the search directory."""
+    """One TrialRow per trial Tune knows, read from the search directory.
+
+    A trial's history is its run's metrics.jsonl (every epoch it trained: a trial ASHA stops may
+    finish one more epoch before Tune's stop reaches it) joined with what Tune received (which adds
+    each epoch's checkpoint path).
+    """
     from ray.tune import ExperimentAnalysis
 
     fs, path = storage.resolve(search_dir, cfg.data.endpoint_url, cfg.data.region)
@@ -65,12 +74,12 @@ def collect(search_dir: str, settings: SearchSettings, cfg: Config) -> list[Tria
     rows = []
     for trial in analysis.trials:
         params = space.flat_params(trial.config or {})
-        history: dict[int, dict] = {}
+        history = _run_metrics(storage.join(search_dir, "runs", trial.trial_id), cfg)
         frame = frames.get(trial.trial_id)
         if frame is not None and "epoch" in getattr(frame, "columns", ()):
             for rec in frame.to_dict("records"):
-                if _finite(rec.get("epoch")):
-                    history[int(rec["epoch"])] = rec  # a resumed trial repeats epochs: keep last
+                if _finite(rec.get("epoch")):  # a resumed trial repeats epochs: keep the last
+                    history[int(rec["epoch"])] = {**history.get(int(rec["epoch"]), {}), **rec}
         error = ""
         if trial.status == "ERROR":
             try:
@@ -84,6 +93,19 @@ def collect(search_dir: str, settings: SearchSettings, cfg: Config) -> list[Tria
             )
         )
     return rows
+
+
+def _run_metrics(run_dir: str, cfg: Config) -> dict[int, dict]:
+    uri = storage.join(run_dir, "metrics.jsonl")
+    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
+    if not storage.exists(uri, **kw):
+        return {}
+    rows = [
+        json.loads(line)
+        for line in storage.read_bytes(uri, **kw).decode().splitlines()
+        if line.strip()
+    ]
+    return {int(r["epoch"]): r for r in rows if _finite(r.get("epoch"))}
 
 
 def ranked(rows: list[TrialRow], settings: SearchSettings) -> list[TrialRow]:
