@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,7 +178,7 @@ def ray_head():
         yield url
     finally:
         stop_head(head)
-        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.ray
@@ -208,6 +209,7 @@ def test_ray_job_submit_runs_the_smoke_job_to_succeeded(ray_head, tmp_path):
             "--name",
             "smoke",
         ],
+        check=False,
         cwd=REPO,
         env=clean_env(),
         capture_output=True,
