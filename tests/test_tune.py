@@ -244,8 +244,9 @@ def search(tmp_path_factory):
         # Two trials run at a time: a third run directory means at least one trial ended.
         deadline = time.time() + 420
         while time.time() < deadline and proc.poll() is None:
-            runs = list((search_dir / "runs").glob("*/metrics.jsonl"))
-            if len(list((search_dir / "runs").iterdir())) >= 3 and runs:
+            runs = search_dir / "runs"
+            started = list(runs.iterdir()) if runs.is_dir() else []
+            if len(started) >= 3 and list(runs.glob("*/metrics.jsonl")):
                 break
             time.sleep(2)
         assert proc.poll() is None, (root / "first.log").read_text()[-3000:]

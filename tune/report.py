@@ -135,10 +135,16 @@ def write_outputs(
     name: str,
     command: str,
     wall_seconds: float,
-    interrupted: bool,
-) -> str:
-    """Writes the four outputs into the search directory; returns a few lines for the console."""
+) -> tuple[str, bool]:
+    """Writes the four outputs into the search directory.
+
+    Returns a few lines for the console, and whether trials are left to run (per Tune's saved
+    state: an interrupted search leaves trials PENDING or RUNNING, or fewer than num_samples).
+    """
     rows = collect(search_dir, settings, cfg)
+    interrupted = len(rows) < settings.num_samples or any(
+        r.status not in ("TERMINATED", "ERROR") for r in rows
+    )
     best = ranked(rows, settings)
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
     storage.write_bytes(
@@ -164,7 +170,7 @@ def write_outputs(
         best_yaml=best_yaml,
     )
     storage.write_bytes(storage.join(search_dir, "summary.md"), text.encode(), **kw)
-    return console_lines(rows, settings, wall_seconds, search_dir)
+    return console_lines(rows, settings, wall_seconds, search_dir), interrupted
 
 
 def results_csv(rows: list[TrialRow], settings: SearchSettings, search_dir: str) -> str:

@@ -328,24 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     interrupted = False
     try:
-        grid = tuner.fit()
-        interrupted = grid.num_terminated + grid.num_errors < settings.num_samples
+        tuner.fit()  # Ctrl-C: Tune saves its state and returns with trials left
     except KeyboardInterrupt:
         interrupted = True
     wall = time.time() - t0
     try:
-        summary = report.write_outputs(
-            cfg,
-            settings,
-            search_dir,
-            name=name,
-            command=command,
-            wall_seconds=wall,
-            interrupted=interrupted,
+        summary, unfinished = report.write_outputs(
+            cfg, settings, search_dir, name=name, command=command, wall_seconds=wall
         )
     except (storage.StorageError, ValueError) as e:
         print(f"{PROG}: error: cannot write the search report: {e}", file=sys.stderr)
         return 1
+    interrupted = interrupted or unfinished
     print(summary, flush=True)
     if interrupted:
         print(
