@@ -215,12 +215,6 @@ def train_dataset(
     return ds.prefetch(AUTOTUNE).with_options(_options())
 
 
-def center_patch(record: dict, size: int) -> tf.Tensor:
-    """The center size x size crop of an encoded record, decoding only that window of a JPEG."""
-    h, w = image_shape(record)
-    return decode_window(record["image"], (h - size) // 2, (w - size) // 2, size)
-
-
 def eval_dataset(
     cfg: Config,
     split: str | None = None,
@@ -238,7 +232,9 @@ def eval_dataset(
     ds = ds.shard(count, index) if count > 1 else ds
 
     def make_pair(r):
-        hr = to_float(center_patch(r, size))
+        # Full decode (not decode_and_crop_jpeg): evaluation pixels match any other decoder's,
+        # and validation is not the hot path.
+        hr = to_float(center_crop(decode(r["image"]), size))
         key = r["id"]
         lr = degrade_ops.degrade(hr, cfg.degradation, degrade_ops.eval_seed(cfg.degradation, key))
         return key, lr, hr
