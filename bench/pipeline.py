@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server:
             server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     results = {}
     for name, ms in runs.items():
         ips = statistics.median(m["images_per_s"] for m in ms)
