@@ -164,6 +164,7 @@ def _ray_worker(config: dict) -> None:
     # Ray Train patches print() into a logger that also tees to stdout (every line twice), and
     # logs each report at INFO; write progress lines straight to the stream instead.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    setup_logging()
 
     def log_line(text: str) -> None:
         sys.stdout.write(text + "\n")
@@ -251,6 +252,18 @@ def _uri(cfg: Config, path: str) -> str:
 # --- entry point --------------------------------------------------------------------------------
 
 
+def setup_logging() -> None:
+    """srtrain's own INFO lines (which shards a worker reads, ...) on stdout, in every process."""
+    logger = logging.getLogger("srtrain")
+    if not any(getattr(h, "_srtrain", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler._srtrain = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def _vgg_error() -> type[Exception]:
     from srtrain.losses import VGGWeightsError
 
@@ -266,6 +279,7 @@ def _interrupt(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, _interrupt)
+    setup_logging()
     args = parse_args(argv)
     try:
         cfg = resolve_config(args)
