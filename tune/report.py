@@ -7,6 +7,7 @@ report comes out after a complete search, an interrupted one and a resumed one.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from srtrain import storage
-from srtrain.config import Config, replace, to_yaml
+from srtrain.config import Config, to_yaml
 from tune import space
 from tune.space import SearchSettings
 
@@ -315,7 +316,9 @@ def best_config_yaml(
 ) -> str:
     """The best trial's complete training job, with the base job's storage and no run name."""
     trial_cfg = space.trial_config(cfg, row.params, settings)
-    trial_cfg = replace(trial_cfg, [f"run.storage={cfg.run.storage}", "run.name="])
+    trial_cfg = dataclasses.replace(
+        trial_cfg, run=dataclasses.replace(trial_cfg.run, storage=cfg.run.storage, name="")
+    )
     b = row.best(settings.metric, settings.mode)
     header = [
         f"# python -m srtrain.run --config {path}",

@@ -15,6 +15,7 @@ restore: finished trials are kept, unfinished ones continue from their last epoc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import socket
@@ -28,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 
 from srtrain import storage
-from srtrain.config import Config, ConfigError, from_dict, replace, to_dict
+from srtrain.config import Config, ConfigError, from_dict, to_dict
 from tune import report, space
 from tune.space import SearchSettings, load_search_job
 
@@ -184,7 +185,9 @@ def run_trial(params: dict, *, base: dict, settings: SearchSettings, runs_root: 
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = space.trial_config(from_dict(base), space.flat_params(params), settings)
-    cfg = replace(cfg, [f"run.storage={runs_root}", f"run.name={trial_id}"])
+    # Set directly, not as "--set" text: YAML would read a trial id like 13540770 as a number.
+    run_cfg = dataclasses.replace(cfg.run, storage=runs_root, name=trial_id)
+    cfg = dataclasses.replace(cfg, run=run_cfg)
     run_dir = storage.join(runs_root, trial_id)
     run.write_run_files(cfg, run_dir, ["--config", storage.join(run_dir, "config.yaml")])
     result = run.build_trainer(cfg, run_dir, trial_id, callbacks=[TuneReportCallback()]).fit()
