@@ -19,7 +19,9 @@ OMP_NUM_THREADS = 2 for r, l and 1; 1 per worker for 2).
 
 Steady state: a run trains 1 warm-up epoch (tracing, oneDNN kernel selection, caches) and then
 `--repeats` measured epochs of `--steps` steps; a mode's figure is the median of its measured
-epochs' images/s (train steps only, validation excluded). r, l, 1 and 2 run back to back for
+epochs' images/s (train steps only, validation excluded), and of their images per CPU-second
+of the mode's whole process tree (sampled from /proc at each epoch's row; the steady measure on a
+shared machine). r, l, 1 and 2 run back to back for
 each model and precision, so their ratios compare measurements taken minutes apart on a machine
 whose load changes. Results: bench/results/train_throughput.json (or --out).
 """
