@@ -73,7 +73,7 @@ def job_name(args: argparse.Namespace) -> str:
     return Path(args.config).stem if args.config else "samples-base"
 
 
-def _existing_runs(cfg: Config, prefix: str) -> list[str]:
+def existing_runs(cfg: Config, prefix: str) -> list[str]:
     import pyarrow.fs as pafs
 
     fs, root = storage.resolve(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
@@ -93,7 +93,7 @@ def run_name(cfg: Config, args: argparse.Namespace) -> str:
         return cfg.run.name
     stem = job_name(args)
     if args.resume:
-        runs = _existing_runs(cfg, f"{stem}-")
+        runs = existing_runs(cfg, f"{stem}-")
         if runs:
             return runs[-1]
     return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"

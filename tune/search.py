@@ -89,9 +89,9 @@ def search_name(cfg: Config, args: argparse.Namespace) -> str:
         return args.name
     stem = job_name(args)
     if args.resume:
-        from srtrain.run import _existing_runs
+        from srtrain.run import existing_runs
 
-        found = _existing_runs(cfg, f"{stem}-")
+        found = existing_runs(cfg, f"{stem}-")
         if not found:
             raise ConfigError(
                 f"--resume: no search of job {stem!r} under {cfg.run.storage} "
