@@ -10,6 +10,7 @@ Ray. Under `ray job submit` (RAY_ADDRESS set) it joins that cluster. Everything 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -66,7 +67,12 @@ def resolve_config(args: argparse.Namespace) -> Config:
         overrides.append(f"run.storage={args.output}")
     if args.name:
         overrides.append(f"run.name={args.name}")
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if not storage.is_s3(cfg.run.storage):
+        # Ray workers run in their own working directory: a relative path must mean ours.
+        absolute = str(Path(cfg.run.storage).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage=absolute))
+    return cfg
 
 
 def job_name(args: argparse.Namespace) -> str:

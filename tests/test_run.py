@@ -33,12 +33,12 @@ TINY = [
 ]
 
 
-def run_cli(*args, timeout=600, env=None):
+def run_cli(*args, timeout=600, env=None, cwd=REPO):
     env = {**os.environ, **(env or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "srtrain.run", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -116,11 +116,12 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_mode_one_worker(tmp_path):
-    p = run_cli(*TINY, "--output", str(tmp_path), "--name", "r")
+def test_ray_mode_one_worker_default_output(tmp_path):
+    # no --output: ./runs relative to where the user stands, although Ray workers run elsewhere
+    p = run_cli(*TINY, "--name", "r", cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    result = check_run_dir(tmp_path / "r", 3)
-    assert str(tmp_path / "r") in result["checkpoint"]
+    result = check_run_dir(tmp_path / "runs" / "r", 3)
+    assert str(tmp_path / "runs" / "r") in result["checkpoint"]
 
 
 def test_misspelled_key_exits_2_naming_it(tmp_path):
