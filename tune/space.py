@@ -75,7 +75,7 @@ DEFAULT_JOB: dict[str, Any] = {
     "loss": {"kind": "mae"},
     "train": {
         "epochs": 8,
-        "steps_per_epoch": 60,
+        "steps_per_epoch": 120,
         "lr": 1.0e-3,
         "early_stop_patience": 0,
         "sample_images": 2,
