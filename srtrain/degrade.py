@@ -31,6 +31,20 @@ def area_downsample(hr: tf.Tensor, scale: int) -> tf.Tensor:
     return x if batched else x[0]
 
 
+def reflect_pad(x: tf.Tensor, pad: int, axis: int) -> tf.Tensor:
+    """tf.pad(mode="REFLECT") along one axis (mirror without repeating the edge), as slices.
+
+    Several times cheaper on CPU than tf.pad's mirror padding, which computes an index per element.
+    """
+
+    def take(start: int, stop: int) -> tf.Tensor:
+        index = [slice(None)] * x.shape.rank
+        index[axis] = slice(start, stop)
+        return tf.reverse(x[tuple(index)], [axis])
+
+    return tf.concat([take(1, pad + 1), x, take(-pad - 1, -1)], axis=axis)
+
+
 def blur(img: tf.Tensor, size: int, sigma: float) -> tf.Tensor:
     """Separable Gaussian blur with reflected borders (OpenCV's default), per channel."""
     if size == 1 or sigma <= 0:
@@ -39,12 +53,11 @@ def blur(img: tf.Tensor, size: int, sigma: float) -> tf.Tensor:
     x = img if batched else img[None]
     channels = x.shape[-1]
     pad = size // 2
-    x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
     k = gaussian_kernel(size, sigma)
     kh = tf.tile(tf.reshape(k, [size, 1, 1, 1]), [1, 1, channels, 1])
     kw = tf.tile(tf.reshape(k, [1, size, 1, 1]), [1, 1, channels, 1])
-    x = tf.nn.depthwise_conv2d(x, kh, strides=[1, 1, 1, 1], padding="VALID")
-    x = tf.nn.depthwise_conv2d(x, kw, strides=[1, 1, 1, 1], padding="VALID")
+    x = tf.nn.depthwise_conv2d(reflect_pad(x, pad, 1), kh, strides=[1, 1, 1, 1], padding="VALID")
+    x = tf.nn.depthwise_conv2d(reflect_pad(x, pad, 2), kw, strides=[1, 1, 1, 1], padding="VALID")
     return x if batched else x[0]
 
 

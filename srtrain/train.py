@@ -382,7 +382,10 @@ def _progress_line(row: dict, epochs: int) -> str:
         f"lr {row['lr']:.1e}  {row['images_per_sec']:.1f} img/s"
     )
     if row["input_wait"] > 0.10:
-        line += f"  input-bound: {row['input_wait']:.0%} of step time waiting for data"
+        line += (
+            f"  input-bound: {row['input_wait']:.0%} of step time waiting for data"
+            " (more scaling.cpus_per_worker, or data.patches_per_image=2)"
+        )
     if "lr_reduced_to" in row:
         line += f"  (lr -> {row['lr_reduced_to']:.1e})"
     if row.get("stopped_early"):

@@ -59,6 +59,7 @@ def test_job_files_load(tmp_path):
         ({"loss": {"alpha": -0.1}}, "loss.alpha"),
         ({"scaling": {"num_workers": 0}}, "scaling.num_workers"),
         ({"data": {"patch_size": 100}}, "data.patch_size"),  # not a multiple of 4 x 2
+        ({"data": {"patches_per_image": 0}}, "data.patches_per_image"),
         ({"degradation": {"scale": 3}, "data": {"patch_size": 32}}, "data.patch_size"),
         ({"degradation": {"blur_kernel": 4}}, "degradation.blur_kernel"),
         ({"model": {"arch": "resnet"}}, "model.arch"),

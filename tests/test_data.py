@@ -88,13 +88,95 @@ def test_random_patch_is_a_flip_rot90_of_a_window():
     patch = data.random_patch(
         tf.constant(blob), tf.constant(90), tf.constant(100), 64, tf.constant([3, 4], tf.int64)
     ).numpy()
-    candidates = []
-    for top in range(90 - 63):
-        for left in range(100 - 63):
-            win = arr[top : top + 64, left : left + 64]
-            for flipped in (win, win[:, ::-1]):
-                candidates += [np.rot90(flipped, k) for k in range(4)]
-    assert any(np.array_equal(patch, c) for c in candidates)
+    assert any(
+        np.array_equal(patch, c)
+        for top in range(90 - 63)
+        for left in range(100 - 63)
+        for c in dihedral_images(arr[top : top + 64, left : left + 64])
+    )
+
+
+def dihedral_images(arr: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips and rotations of a square image: left-right flip or not, then rot90 k."""
+    return [np.rot90(f, k) for f in (arr, arr[:, ::-1]) for k in range(4)]
+
+
+def test_random_dihedral_draws_each_of_the_8_uniformly():
+    arr = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    options = dihedral_images(arr)
+    assert len({o.tobytes() for o in options}) == 8
+    counts = np.zeros(8)
+    n = 800
+    for i in range(n):
+        out = data.random_dihedral(tf.constant(arr), tf.constant([i, 11], tf.int64)).numpy()
+        counts[[j for j, o in enumerate(options) if np.array_equal(out, o)]] += 1
+    assert counts.sum() == n  # every output is one of the 8
+    assert np.all(np.abs(counts / n - 1 / 8) < 0.04), counts
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_random_patches_are_transformed_windows_of_one_decode(fmt):
+    blob, arr = encoded(fmt, 100, 90, seed=3)
+    if fmt == "JPEG":  # compare with this decoder's pixels, not the array before compression
+        arr = data.decode(tf.constant(blob)).numpy()
+    out = data.random_patches(
+        tf.constant(blob), tf.constant(90), tf.constant(100), 64, tf.constant([5, 6], tf.int64), 3
+    ).numpy()
+    assert out.shape == (3, 64, 64, 3)
+    for patch in out:
+        best = min(
+            np.abs(patch.astype(int) - c.astype(int)).mean()
+            for top in range(90 - 63)
+            for left in range(100 - 63)
+            for c in dihedral_images(arr[top : top + 64, left : left + 64])
+        )
+        # PNG: exact. JPEG: the window decode differs from the whole decode only where chroma
+        # upsampling meets the window's edge.
+        assert best == 0 if fmt == "PNG" else best < 0.5
+
+
+@pytest.fixture(scope="module")
+def solid_dataset(tmp_path_factory):
+    """12 photos, each one solid colour: a patch's colour names the photo it came from."""
+    src = tmp_path_factory.mktemp("solid")
+    for i in range(12):
+        Image.new("RGB", (90 + 5 * i, 80), (20 * i, 250 - 20 * i, 60)).save(src / f"s{i:02d}.png")
+    dest = tmp_path_factory.mktemp("solid-shards")
+    shards.build(
+        str(src),
+        str(dest),
+        split={"train": 1.0},
+        shard_size=2_000,
+        min_size=64,
+        workers=1,
+        progress=False,
+    )
+    return dest
+
+
+def test_patches_per_image_puts_each_photo_once_per_batch(solid_dataset):
+    # No record shuffle: 12 photos make 3 groups of 4 per pass, so a repeated colour in a batch
+    # could only be two patches of one decode.
+    cfg = cfg_for(
+        solid_dataset,
+        "data.patches_per_image=2",
+        "data.shuffle_buffer=1",
+        "degradation.noise_sigma=0",
+    )
+    seen = []
+    batches = list(data.train_dataset(cfg, seed=3).take(24))
+    for lr, hr in batches:
+        assert lr.shape == (4, 32, 32, 3) and hr.shape == (4, 64, 64, 3)
+        colours = np.round(hr.numpy()[:, 0, 0, 0] * 255 / 20).astype(int)
+        assert len(set(colours)) == 4, colours  # no two siblings in one batch
+        seen += list(colours)
+    counts = np.bincount(seen, minlength=12)
+    # 4 passes x 2 patches each, give or take the batches the batch shuffle moves across the end
+    assert counts.sum() == 96 and counts.min() >= 6 and counts.max() <= 10, counts
+    again = list(data.train_dataset(cfg, seed=3).take(24))
+    for (a, b), (c, d) in zip(batches, again, strict=True):  # reproducible from the seed
+        np.testing.assert_array_equal(a.numpy(), c.numpy())
+        np.testing.assert_array_equal(b.numpy(), d.numpy())
 
 
 def test_gaussian_noise_is_standard_normal():

@@ -69,3 +69,13 @@ def test_inside_a_tf_data_pipeline():
     ds = ds.map(lambda hr: degrade.degrade(hr, cfg, tf.constant([5, 6], tf.int64)))
     out = list(ds)
     assert len(out) == 4 and out[0].shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("pad", [1, 2, 3])
+def test_reflect_pad_equals_tf_pad_reflect(pad):
+    x = tf.random.stateless_uniform([2, 9, 7, 3], [4, 5])
+    for axis in (1, 2):
+        paddings = [[0, 0]] * 4
+        paddings[axis] = [pad, pad]
+        expect = tf.pad(x, paddings, mode="REFLECT")
+        np.testing.assert_array_equal(degrade.reflect_pad(x, pad, axis).numpy(), expect.numpy())

@@ -156,3 +156,24 @@ def test_invalid_yaml_exits_2(tmp_path):
     job.write_text("train: {epochs: 3\n")
     p = run_cli("--config", str(job), "--output", str(tmp_path))
     assert p.returncode == 2 and "invalid YAML" in p.stderr
+
+
+def test_progress_line_flags_input_bound_epochs():
+    from srtrain.train import _progress_line
+
+    row = {
+        "epoch": 2,
+        "step": 40,
+        "train_loss": 0.05,
+        "val_psnr": 24.0,
+        "bicubic_psnr": 23.0,
+        "val_ssim": 0.6,
+        "bicubic_ssim": 0.5,
+        "lr": 5e-4,
+        "images_per_sec": 60.0,
+        "input_wait": 0.05,
+    }
+    assert "input-bound" not in _progress_line(row, 5)
+    line = _progress_line({**row, "input_wait": 0.3}, 5)
+    assert "input-bound: 30% of step time waiting for data" in line
+    assert "data.patches_per_image=2" in line and "\n" not in line

@@ -62,21 +62,30 @@ def image_shape(record: dict) -> tuple[tf.Tensor, tf.Tensor]:
     return hw[0], hw[1]
 
 
-def decode_window(image: tf.Tensor, top: tf.Tensor, left: tf.Tensor, size: int) -> tf.Tensor:
-    """The size x size window at (top, left) of an encoded image, (size, size, 3) uint8.
+def decode_window(
+    image: tf.Tensor,
+    top: tf.Tensor,
+    left: tf.Tensor,
+    height: int | tf.Tensor,
+    width: int | tf.Tensor | None = None,
+) -> tf.Tensor:
+    """The height x width (default square) window at (top, left) of an encoded image, uint8.
 
     JPEG decodes only the rows and columns it needs (tf.io.decode_and_crop_jpeg); other formats
     decode whole and are sliced. Both give the same pixels, except that JPEG chroma upsampling
     sees no neighbour past the window's last column and row (a few levels there, at most).
     """
+    width = height if width is None else width
 
     def jpeg():
-        return tf.io.decode_and_crop_jpeg(image, tf.stack([top, left, size, size]), channels=3)
+        window = tf.stack([top, left, height, width])
+        return tf.io.decode_and_crop_jpeg(image, window, channels=3)
 
     def other():
-        return decode(image)[top : top + size, left : left + size]
+        return decode(image)[top : top + height, left : left + width]
 
-    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image), jpeg, other), [size, size, 3])
+    static = [n if isinstance(n, int) else None for n in (height, width)]
+    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image), jpeg, other), [*static, 3])
 
 
 def element_seeds(seed: int) -> tf.data.Dataset:
@@ -85,16 +94,27 @@ def element_seeds(seed: int) -> tf.data.Dataset:
 
 
 def random_crop_augment(img: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-    """Random size x size crop, left-right flip and rot90: (H, W, 3) -> (size, size, 3)."""
-    s1, s2, s3 = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-    crop = tf.image.stateless_random_crop(img, [size, size, 3], seed=s1)
-    return flip_rot90(crop, s2, s3)
+    """Random size x size crop, flip and rot90 of a decoded image: (H, W, 3) -> (size, size, 3)."""
+    s_crop, s_d4 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    crop = tf.image.stateless_random_crop(img, [size, size, 3], seed=s_crop)
+    return random_dihedral(crop, s_d4)
 
 
-def flip_rot90(img: tf.Tensor, s_flip: tf.Tensor, s_rot: tf.Tensor) -> tf.Tensor:
-    img = tf.image.stateless_random_flip_left_right(img, seed=s_flip)
-    k = tf.random.stateless_uniform([], seed=s_rot, minval=0, maxval=4, dtype=tf.int32)
-    return tf.image.rot90(img, k)
+def random_dihedral(img: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """One of the 8 flips and rotations of a square (S, S, C) image, uniformly at random.
+
+    The same distribution as a random left-right flip followed by a random rot90 (the original
+    project's augmentation), at about half the cost: each of the 8 is a transpose, a reversal of
+    the row order and a reversal of each row, each taken or not; the row order is reversed with
+    a gather (a copy per row) instead of tf.reverse (an index per element).
+    """
+    transpose, flip_rows, flip_cols = tf.unstack(
+        tf.random.stateless_uniform([3], seed, minval=0, maxval=2, dtype=tf.int32) > 0
+    )
+    x = tf.cond(transpose, lambda: tf.transpose(img, [1, 0, 2]), lambda: img)
+    x = tf.cond(flip_rows, lambda: tf.gather(x, tf.range(tf.shape(x)[0] - 1, -1, -1)), lambda: x)
+    x = tf.cond(flip_cols, lambda: tf.reverse(x, [1]), lambda: x)
+    return tf.ensure_shape(x, img.shape)
 
 
 def random_window(
@@ -115,9 +135,29 @@ def random_patch(
     Decodes only the patch of a JPEG; the patch distribution is the same as decoding the whole
     image and calling `random_crop_augment`.
     """
-    s_win, s_flip, s_rot = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    s_win, s_d4 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     top, left = random_window(height, width, size, s_win)
-    return flip_rot90(decode_window(image, top, left, size), s_flip, s_rot)
+    return random_dihedral(decode_window(image, top, left, size), s_d4)
+
+
+def random_patches(
+    image: tf.Tensor, height: tf.Tensor, width: tf.Tensor, size: int, seed: tf.Tensor, k: int
+) -> tf.Tensor:
+    """k independent `random_patch`es of one encoded image, from one decode: (k, size, size, 3).
+
+    A JPEG decodes only the smallest window holding all k patches. Each patch has the same
+    distribution as `random_patch`; patches of one image are correlated (they may overlap).
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 2 * k)
+    windows = tf.stack([tf.stack(random_window(height, width, size, seeds[i])) for i in range(k)])
+    top, left = tf.unstack(tf.reduce_min(windows, axis=0))
+    bottom, right = tf.unstack(tf.reduce_max(windows, axis=0) + size)
+    box = decode_window(image, top, left, bottom - top, right - left)
+    out = []
+    for i in range(k):
+        t, s = windows[i, 0] - top, windows[i, 1] - left
+        out.append(random_dihedral(box[t : t + size, s : s + size], seeds[k + i]))
+    return tf.stack(out)
 
 
 def center_crop(img: tf.Tensor, size: int) -> tf.Tensor:
@@ -140,14 +180,17 @@ def gaussian_noise(shape: tf.Tensor, seed: tf.Tensor, stddev: float) -> tf.Tenso
     """N(0, stddev^2) noise by Box-Muller over stateless uniforms, exactly Gaussian.
 
     About twice as cheap on CPU as tf.random.stateless_normal, whose per-element transform is
-    the single most expensive op of the training pipeline (measured: bench/pipeline.py).
+    the single most expensive op of the training pipeline (measured: bench/pipeline.py). Both
+    outputs of each Box-Muller pair come from one cos: sin(t) = cos(t - pi/2).
     """
     n = tf.reduce_prod(shape)
     u = tf.random.stateless_uniform(tf.stack([2, (n + 1) // 2]), seed)  # [0, 1)
-    radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))  # log of 1 - u, in (0, 1]: finite
-    angle = (2.0 * math.pi) * u[1]
-    z = tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)[:n]
-    return tf.reshape(z * stddev, shape)
+    # log of 1 - u, in (0, 1]: finite. (Not log1p(-u): Grappler fuses that chain into a
+    # scalar per-element op, several times slower than the vectorised log.)
+    radius = tf.sqrt((-2.0 * stddev**2) * tf.math.log(1.0 - u[0]))
+    phase = (2.0 * math.pi) * u[1] - tf.constant([[0.0], [math.pi / 2]])  # (2, n/2)
+    z = radius * tf.cos(phase)
+    return tf.reshape(tf.reshape(z, [-1])[:n], shape)
 
 
 def degrade_batch(hr: tf.Tensor, seeds: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
@@ -184,10 +227,14 @@ def train_dataset(
 
     `seed` (default train.seed) should differ between pipelines and between resumptions so no
     two of them replay the same sample stream. Shard records are shuffled while still encoded
-    and only the random patch is decoded; degradation runs once per batch.
+    and only the random patch is decoded; degradation runs once per batch. With
+    `data.patches_per_image` k > 1, each group of batch_size photos is decoded once and gives k
+    batches (each photo once per batch), which are shuffled so siblings do not follow each other.
     """
     size = cfg.data.patch_size
+    batch = batch_size or cfg.data.batch_size
     seed = cfg.train.seed if seed is None else seed
+    k = cfg.data.patches_per_image
     ds = records(cfg, cfg.data.train_split, index, count)
     if cfg.data.source == "samples":
         # A few photos: decode them once and keep them decoded.
@@ -198,7 +245,10 @@ def train_dataset(
 
         def patch(img, s):
             return random_crop_augment(img, size, s), s
-    else:
+
+        ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch, drop_remainder=True)
+    elif k == 1:
         ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
         ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
         ds = tf.data.Dataset.zip((ds, element_seeds(seed)))
@@ -207,8 +257,25 @@ def train_dataset(
             h, w = image_shape(r)
             return random_patch(r["image"], h, w, size, s), s
 
-    ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)  # (size, size, 3) uint8
-    ds = ds.batch(batch_size or cfg.data.batch_size, drop_remainder=True)
+        ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)  # (size, size, 3)
+        ds = ds.batch(batch, drop_remainder=True)
+    else:
+        ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
+        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
+        ds = tf.data.Dataset.zip((ds.batch(batch, drop_remainder=True), element_seeds(seed)))
+
+        def patch_batches(r, s):  # `batch` records -> k batches of patches, (k, batch, ...)
+            s_patch, s_noise = tf.unstack(tf.random.experimental.stateless_split(s, 2))
+            seeds = tf.random.experimental.stateless_split(s_patch, batch)
+            hr = []
+            for i in range(batch):
+                h, w = image_shape({key: value[i] for key, value in r.items()})
+                hr.append(random_patches(r["image"][i], h, w, size, seeds[i], k))
+            noise_seeds = tf.random.experimental.stateless_split(s_noise, k * batch)
+            return tf.stack(hr, axis=1), tf.reshape(noise_seeds, [k, batch, 2])
+
+        ds = ds.map(patch_batches, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+        ds = ds.shuffle(4 * k, seed=seed + 1)
     ds = ds.map(
         lambda hr, s: degrade_batch(hr, s, cfg), num_parallel_calls=AUTOTUNE, deterministic=True
     )
