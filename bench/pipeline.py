@@ -3,11 +3,14 @@
     python bench/pipeline.py [--repeats 3] [--batches 100] [--patch 256] [--out FILE]
 
 Over BSD200 re-encoded as JPEG quality 95 (it stands in for IAPR TC-12), in one run:
-  (a) ours, local shards:  srtrain.data.train_dataset reading Parquet shards from a local directory
-  (b) ours, S3 shards:     the same pipeline reading the same shards from SeaweedFS S3 on loopback
-  (c) reference:           the original notebook's way: file list -> tf.data map -> decode_jpeg ->
-                           random crop/flip/rot90 -> py_function (OpenCV area resize, 5x5 Gaussian
-                           blur, numpy noise) -> batch 8 -> prefetch
+  (a)  ours, local shards:  srtrain.data.train_dataset reading Parquet shards from a local directory
+  (a2) the same with data.patches_per_image=2 (one decode, two patches in two batches)
+  (b)  ours, S3 shards:     (a) reading the same shards from SeaweedFS S3 on loopback, streaming
+  (b2) the same with data.patches_per_image=2
+  (bc) (b) with data.cache=true: the first pass streams from S3, later ones read the local copy
+  (c)  reference:           the original notebook's way: file list -> tf.data map -> decode_jpeg ->
+                            random crop/flip/rot90 -> py_function (OpenCV area resize, 5x5 Gaussian
+                            blur, numpy noise) -> batch 8 -> prefetch
 Each repeat times every pipeline in turn (so machine noise hits all three alike); the figures are
 medians over repeats. "Per core" divides images/s by the cores this process may use; "per CPU
 second" divides images by the CPU time actually consumed (this process, plus the S3 server for
@@ -133,12 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         str(work / "bsd200-jpeg95"), str(local), split=split, shard_size=2 * 2**20, progress=False
     )
     base = [f"data.patch_size={args.patch}", f"data.batch_size={args.batch}"]
+
+    def ours(source: str, *extra: str):
+        cfg = load_config(None, [*base, f"data.source={source}", *extra])
+        return lambda: data.train_dataset(cfg)
+
     pipelines = {
         "c_reference": (lambda: reference_pipeline(files, args.patch, args.batch), None),
-        "a_ours_local": (
-            lambda: data.train_dataset(load_config(None, [*base, f"data.source={local}"])),
-            None,
-        ),
+        "a_ours_local": (ours(str(local)), None),
+        "a2_ours_local_2_per_image": (ours(str(local), "data.patches_per_image=2"), None),
     }
     server = None
     if not args.no_s3:
@@ -146,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
 
         server = SeaweedS3(bucket="bench").start()
         os.environ.update(server.env)
+        os.environ["SRTRAIN_CACHE_DIR"] = str(work / "cache")
         s3_uri = "s3://bench/bsd200-jpeg95"
         shards.build(
             str(work / "bsd200-jpeg95"), s3_uri, split=split, shard_size=2 * 2**20, progress=False
         )
-        pipelines["b_ours_s3"] = (
-            lambda: data.train_dataset(load_config(None, [*base, f"data.source={s3_uri}"])),
-            server.proc.pid,
-        )
+        pid = server.proc.pid
+        pipelines["b_ours_s3"] = (ours(s3_uri), pid)
+        pipelines["b2_ours_s3_2_per_image"] = (ours(s3_uri, "data.patches_per_image=2"), pid)
+        pipelines["bc_ours_s3_cached"] = (ours(s3_uri, "data.cache=true"), pid)
     runs: dict[str, list[dict]] = {k: [] for k in pipelines}
     load_before = os.getloadavg()
     try:
@@ -162,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 m = measure(make, args.batches, args.batch, args.warmup, pid)
                 runs[name].append(m)
                 print(
-                    f"repeat {r + 1}/{args.repeats} {name:<13} {m['images_per_s']:7.0f} img/s "
+                    f"repeat {r + 1}/{args.repeats} {name:<26} {m['images_per_s']:7.0f} img/s "
                     f"{m['images_per_cpu_s']:7.0f} img/CPU-s",
                     flush=True,
                 )
@@ -182,15 +189,18 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "repeats": [{k: round(v, 1) for k, v in m.items()} for m in ms],
         }
+    pairs = {
+        "a_over_c": ("a_ours_local", "c_reference"),
+        "a2_over_c": ("a2_ours_local_2_per_image", "c_reference"),
+        "b_over_a": ("b_ours_s3", "a_ours_local"),
+        "b2_over_a2": ("b2_ours_s3_2_per_image", "a2_ours_local_2_per_image"),
+        "bc_over_a": ("bc_ours_s3_cached", "a_ours_local"),
+    }
     ratios = {}
     for key in ("images_per_s_per_core", "images_per_cpu_s", "images_per_client_cpu_s"):
-        ratios[f"a_over_c_{key}"] = round(
-            results["a_ours_local"][key] / results["c_reference"][key], 2
-        )
-        if "b_ours_s3" in results:
-            ratios[f"b_over_a_{key}"] = round(
-                results["b_ours_s3"][key] / results["a_ours_local"][key], 2
-            )
+        for name, (x, y) in pairs.items():
+            if x in results and y in results:
+                ratios[f"{name}_{key}"] = round(results[x][key] / results[y][key], 2)
     out = {
         "what": "training input pipeline throughput, BSD200 as JPEG q95 (200 photos, 481x321)",
         "patch": args.patch,

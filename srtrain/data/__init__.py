@@ -104,7 +104,7 @@ def random_dihedral(img: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """One of the 8 flips and rotations of a square (S, S, C) image, uniformly at random.
 
     The same distribution as a random left-right flip followed by a random rot90 (the original
-    project's augmentation), at about half the cost: each of the 8 is a transpose, a reversal of
+    project's augmentation), at about 60% of the cost: each of the 8 is a transpose, a reversal of
     the row order and a reversal of each row, each taken or not; the row order is reversed with
     a gather (a copy per row) instead of tf.reverse (an index per element).
     """
