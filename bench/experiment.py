@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     for protocol in ("seed", "standard"):
         out = reports / f"set14-{protocol}"
         cmd = [sys.executable, "-m", "srtrain.evaluate", "--checkpoint", *checkpoints]
-        cmd += ["--data", str(Path(args.datasets) / "set14"), "--protocol", protocol]
+        # Relative to the repo root (where `run` starts commands), so reports name no local path.
+        set14 = os.path.relpath(Path(args.datasets, "set14").resolve(), REPO)
+        cmd += ["--data", set14, "--protocol", protocol]
         cmd += ["--out", str(out), "--limit", str(sched["limit"]), "--no-progress"]
         run(cmd)
         evals[protocol] = json.loads((out / "report.json").read_text())
