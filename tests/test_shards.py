@@ -284,6 +284,12 @@ def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_pa
     cached = tmp_path / "cache" / f"{sh['sha256']}.parquet"
     assert cached.exists() and cached.stat().st_size == sh["bytes"]
     assert list(shards.read_shard(f"{dest}/{sh['name']}", cache_key=sh["sha256"])) == rows
+    # Uncached: in memory when the manifest gives the size, else through a spool file that is
+    # gone after the pass.
+    assert list(shards.read_shard(f"{dest}/{sh['name']}", size=sh["bytes"])) == rows
+    assert not (tmp_path / "cache" / "spool").exists()
+    assert list(shards.read_shard(f"{dest}/{sh['name']}")) == rows
+    assert not list((tmp_path / "cache" / "spool").iterdir())
 
 
 @pytest.mark.s3
