@@ -168,8 +168,11 @@ def _ray_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
     # Ray Train patches print() into a logger that also tees to stdout (every line twice), and
-    # logs each report at INFO; write progress lines straight to the stream instead.
+    # logs each report with all its metrics at INFO, on a logger named after its source file that
+    # only the root's level governs; write progress lines straight to the stream instead and keep
+    # the rest at WARNING (srtrain's logger has its own handler and level).
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
     setup_logging()
 
     def log_line(text: str) -> None:

@@ -122,6 +122,9 @@ def test_ray_mode_one_worker_default_output(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = check_run_dir(tmp_path / "runs" / "r", 3)
     assert str(tmp_path / "runs" / "r") in result["checkpoint"]
+    # one progress line per epoch, not drowned in Ray Train's per-report INFO lines
+    out = p.stdout + p.stderr
+    assert out.count("epoch 3/3") == 1 and "Reporting training result" not in out
 
 
 def test_misspelled_key_exits_2_naming_it(tmp_path):
