@@ -253,6 +253,20 @@ def test_fewer_shards_than_pipelines_falls_back_to_elements(dataset, caplog):
     assert any("sharding element-wise" in r.getMessage() for r in caplog.records)
 
 
+def test_records_leave_out_images_below_min_size(dataset):
+    dest, m = dataset
+    cfg = cfg_for(dest)
+    rows = [
+        r
+        for sh in m["splits"]["train"]["shards"]
+        for r in shards.read_shard(f"{dest}/{sh['name']}")
+    ]
+    expect = {i for i, _, h, w in rows if min(h, w) >= 300}
+    assert 0 < len(expect) < len(rows)
+    got = data.records(cfg, "train", min_size=300).map(lambda r: r["id"]).as_numpy_iterator()
+    assert {x.decode() for x in got} == expect
+
+
 def test_unknown_split_is_a_config_error(dataset):
     from srtrain.config import ConfigError
 

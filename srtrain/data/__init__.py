@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def records(cfg: Config, split: str, index: int = 0, count: int = 1) -> tf.data.Dataset:
-    """Records of one split, the part `index` of `count` input pipelines reads."""
+def records(
+    cfg: Config, split: str, index: int = 0, count: int = 1, min_size: int = 0
+) -> tf.data.Dataset:
+    """Records of one split, the part `index` of `count` input pipelines reads.
+
+    A shard source leaves out images with a side below `min_size` before they reach tf.data
+    (their sizes are in the shard); the sample photos' sizes are known only once decoded.
+    """
     source = cfg.data.source
     if source == "samples":
         items = samples.read(split)
@@ -36,7 +42,7 @@ def records(cfg: Config, split: str, index: int = 0, count: int = 1) -> tf.data.
         return ds.shard(count, index) if count > 1 else ds
     from srtrain.data import shards  # pyarrow only when used
 
-    return shards.records(cfg, split, index, count)
+    return shards.records(cfg, split, index, count, min_size)
 
 
 def decode(image: tf.Tensor) -> tf.Tensor:
@@ -88,9 +94,10 @@ def decode_window(
     return tf.ensure_shape(tf.cond(tf.io.is_jpeg(image), jpeg, other), [*static, 3])
 
 
-def element_seeds(seed: int) -> tf.data.Dataset:
-    """An endless stream of [2]-int64 stateless seeds, one per training element."""
-    return tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+def element_seed(seed: int, index: tf.Tensor) -> tf.Tensor:
+    """The [2]-int64 stateless seed of training element `index` (from Dataset.enumerate):
+    stateless_fold_in, so neighbouring elements get unrelated random streams."""
+    return tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), index)
 
 
 def random_crop_augment(img: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
@@ -235,37 +242,37 @@ def train_dataset(
     batch = batch_size or cfg.data.batch_size
     seed = cfg.train.seed if seed is None else seed
     k = cfg.data.patches_per_image
-    ds = records(cfg, cfg.data.train_split, index, count)
+    ds = records(cfg, cfg.data.train_split, index, count, min_size=size)
     if cfg.data.source == "samples":
         # A few photos: decode them once and keep them decoded.
         ds = ds.map(lambda r: decode(r["image"]), num_parallel_calls=AUTOTUNE)
         ds = ds.filter(lambda img: big_enough(img, size)).cache()
-        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
-        ds = tf.data.Dataset.zip((ds, element_seeds(seed)))
+        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate()
 
-        def patch(img, s):
+        def patch(i, img):
+            s = element_seed(seed, i)
             return random_crop_augment(img, size, s), s
 
         ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)
         ds = ds.batch(batch, drop_remainder=True)
     elif k == 1:
-        ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
-        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
-        ds = tf.data.Dataset.zip((ds, element_seeds(seed)))
+        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate()
 
-        def patch(r, s):
+        def patch(i, r):
+            s = element_seed(seed, i)
             h, w = image_shape(r)
             return random_patch(r["image"], h, w, size, s), s
 
         ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)  # (size, size, 3)
         ds = ds.batch(batch, drop_remainder=True)
     else:
-        ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
         ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
-        ds = tf.data.Dataset.zip((ds.batch(batch, drop_remainder=True), element_seeds(seed)))
+        ds = ds.batch(batch, drop_remainder=True).enumerate()
 
-        def patch_batches(r, s):  # `batch` records -> k batches of patches, (k, batch, ...)
-            s_patch, s_noise = tf.unstack(tf.random.experimental.stateless_split(s, 2))
+        def patch_batches(n, r):  # `batch` records -> k batches of patches, (k, batch, ...)
+            s_patch, s_noise = tf.unstack(
+                tf.random.experimental.stateless_split(element_seed(seed, n), 2)
+            )
             seeds = tf.random.experimental.stateless_split(s_patch, batch)
             hr = []
             for i in range(batch):
@@ -292,8 +299,9 @@ def eval_dataset(
     """Deterministic (id, lr, hr) batches of center crops, for validation and testing."""
     split = split or cfg.data.val_split
     size = cfg.data.val_patch_size or cfg.data.patch_size
-    ds = records(cfg, split)
-    ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
+    ds = records(cfg, split, min_size=size)
+    if cfg.data.source == "samples":
+        ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
     if cfg.data.val_images:
         ds = ds.take(cfg.data.val_images)
     ds = ds.shard(count, index) if count > 1 else ds

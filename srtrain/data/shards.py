@@ -565,8 +565,9 @@ def assign(names: list[str], index: int, count: int) -> tuple[list[str], bool]:
     return list(names), True
 
 
-def records(cfg, split: str, index: int = 0, count: int = 1):
-    """tf.data records {id, image, height, width} of a split of the shard dataset `data.source`."""
+def records(cfg, split: str, index: int = 0, count: int = 1, min_size: int = 0):
+    """tf.data records {id, image, height, width} of a split of the shard dataset `data.source`,
+    without images that have a side below `min_size`."""
     import tensorflow as tf
 
     from srtrain.config import ConfigError
@@ -602,27 +603,40 @@ def records(cfg, split: str, index: int = 0, count: int = 1):
     log.info("pipeline %d/%d reads shards: %s", index, count, ",".join(mine))
     keys = {sh["name"]: sh["sha256"] if d.cache else "" for sh in shards}
     sizes = {sh["name"]: sh["bytes"] for sh in shards}
-    # A row group per Python call (not a row): the generator crosses into Python rarely.
-    spec = (
-        tf.TensorSpec([None], tf.string),
-        tf.TensorSpec([None], tf.string),
-        tf.TensorSpec([None], tf.int32),
-        tf.TensorSpec([None], tf.int32),
-    )
+    # A row group per Python call (not a row): the generator crosses into Python rarely, and the
+    # interleave of shard streams hands on whole row groups (unbatched after it, not before).
+    columns = ("id", "image", "height", "width")
+    spec = {
+        "id": tf.TensorSpec([None], tf.string),
+        "image": tf.TensorSpec([None], tf.string),
+        "height": tf.TensorSpec([None], tf.int32),
+        "width": tf.TensorSpec([None], tf.int32),
+    }
 
     @tf.autograph.experimental.do_not_convert  # a Python generator: nothing to convert
-    def shard_rows(name: tf.Tensor) -> tf.data.Dataset:
+    def shard_blocks(name: tf.Tensor) -> tf.data.Dataset:
         def gen(n: bytes):
             n = n.decode()
             uri = storage.join(d.source, n)
-            yield from read_shard_blocks(uri, d.endpoint_url, d.region, keys[n], size=sizes[n])
+            for block in read_shard_blocks(
+                uri, d.endpoint_url, d.region, keys[n], columns, size=sizes[n]
+            ):
+                rows = dict(zip(columns, block, strict=True))
+                sides = zip(rows["height"], rows["width"], strict=True)
+                keep = [j for j, hw in enumerate(sides) if min(hw) >= min_size]
+                if len(keep) < len(rows["id"]):
+                    rows = {c: [v[j] for j in keep] for c, v in rows.items()}
+                yield rows
 
-        blocks = tf.data.Dataset.from_generator(gen, output_signature=spec, args=(name,))
-        return blocks.unbatch()
+        return tf.data.Dataset.from_generator(gen, output_signature=spec, args=(name,))
 
     cycle = min(len(mine), 8)
     ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
-        shard_rows, cycle_length=cycle, block_length=1, num_parallel_calls=cycle, deterministic=True
+        shard_blocks,
+        cycle_length=cycle,
+        block_length=1,
+        num_parallel_calls=cycle,
+        deterministic=True,
     )
-    ds = ds.map(lambda i, img, h, w: {"id": i, "image": img, "height": h, "width": w})
+    ds = ds.unbatch()
     return ds.shard(count, index) if elementwise else ds
