@@ -50,7 +50,7 @@ class DataConfig:
     shuffle_buffer: int = 512
     # Training patches cut from each decoded photo (shard sources). 1: decode only the patch's
     # window, every patch from a fresh decode. k > 1: one decode gives k patches, each with the
-    # same distribution, in k different batches; about 1.3x the images per CPU-second at k = 2
+    # same distribution, in k different batches; 10-20% more images per CPU-second at k = 2
     # (bench/README.md). For input-bound training, at the price of correlated sibling patches.
     patches_per_image: int = 1
     # Keep each training shard on local disk after its first read (shard sources only): epochs
