@@ -101,7 +101,9 @@ def test_killed_worker_is_restarted_from_the_latest_checkpoint(s3, s3_env, tmp_p
     reference = _read_json(fs, f"{s3.bucket}/{prefix}/ref/result.json")
     assert result["steps"] == result["planned_steps"] == 24
     assert result["epochs"] == 3
-    assert abs(result["val_psnr"] - reference["val_psnr"]) < 1.5, (result, reference)
+    # As trained as the uninterrupted run: not more than 1.5 dB worse. (It may be better: after a
+    # restart the workers draw other patches, and 24 steps of a tiny model are a noisy measure.)
+    assert result["val_psnr"] > reference["val_psnr"] - 1.5, (result, reference)
 
     # every checkpoint left behind is complete and loads
     import keras
