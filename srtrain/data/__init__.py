@@ -236,7 +236,8 @@ def train_dataset(
     two of them replay the same sample stream. Shard records are shuffled while still encoded
     and only the random patch is decoded; degradation runs once per batch. With
     `data.patches_per_image` k > 1, each group of batch_size photos is decoded once and gives k
-    batches (each photo once per batch), which are shuffled so siblings do not follow each other.
+    batches (each photo once per batch), shuffled among a few batches so that siblings are
+    usually not consecutive.
     """
     size = cfg.data.patch_size
     batch = batch_size or cfg.data.batch_size
