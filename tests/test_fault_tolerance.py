@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from cli import run_srtrain
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -35,14 +36,7 @@ def _env(s3_env):
 
 
 def run_cli(args, s3_env, timeout=900):
-    return subprocess.run(
-        [sys.executable, "-m", "srtrain.run", *args],
-        cwd=REPO,
-        env=_env(s3_env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_srtrain(*args, env=s3_env, timeout=timeout)
 
 
 def _fs(s3):

@@ -4,19 +4,17 @@ run trains with either source and stops before training when the weights point n
 
 import hashlib
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from cli import run_srtrain
 
 from srtrain import losses, storage
 from srtrain.config import LossConfig
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--local",
     "--set",
@@ -150,18 +148,7 @@ def test_weights_from_s3_are_checksummed_and_cached(vgg_file, s3, s3_env, monkey
         losses.fetch_weights(f"s3://{s3.bucket}/models/missing.weights.h5#sha256={digest}")
 
 
-def run_cli(*args, env=None):
-    env = {**os.environ, **(env or {})}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "srtrain.run", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+run_cli = run_srtrain
 
 
 @pytest.mark.slow

@@ -2,15 +2,12 @@
 and one-line errors with exit code 2 for bad configs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import run_srtrain
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--set",
     "data.patch_size=32",
@@ -33,17 +30,7 @@ TINY = [
 ]
 
 
-def run_cli(*args, timeout=600, env=None, cwd=REPO):
-    env = {**os.environ, **(env or {})}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [sys.executable, "-m", "srtrain.run", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+run_cli = run_srtrain
 
 
 def check_run_dir(run_dir: Path, epochs: int) -> dict:

@@ -6,14 +6,13 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import run_srtrain
 from PIL import Image
 
 from srtrain import run
@@ -376,11 +375,12 @@ def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, 
     # Ray workers inherit the environment: S3 settings, and INFO logs of srtrain.data on stderr.
     (tmp_path / "logsetup").mkdir()
     (tmp_path / "logsetup" / "sitecustomize.py").write_text(LOG_SETUP)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(s3_env)
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "logsetup"), str(REPO)])
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["RAY_DEDUP_LOGS"] = "0"  # the two workers' lines differ only in digits: keep both
+    env = {
+        **s3_env,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "logsetup"), str(REPO)]),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "RAY_DEDUP_LOGS": "0",  # the two workers' lines differ only in digits: keep both
+    }
     sets = [
         "scaling.num_workers=2",
         f"data.source={dest}",
@@ -391,23 +391,13 @@ def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, 
         "train.epochs=1",
         "train.steps_per_epoch=3",
     ]
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "srtrain.run",
-            *[a for s in sets for a in ("--set", s)],
-            "--output",
-            str(tmp_path / "runs"),
-            "--name",
-            "e2e",
-        ],
-        cwd=REPO,
+    p = run_srtrain(
+        *[a for s in sets for a in ("--set", s)],
+        "--output",
+        str(tmp_path / "runs"),
+        "--name",
+        "e2e",
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
     )
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]

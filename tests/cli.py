@@ -1,0 +1,28 @@
+"""Runs `python -m srtrain.run` in a subprocess, as a user would, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_srtrain(
+    *args: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`python -m srtrain.run ARGS` with this environment plus `env`, never joining a Ray
+    cluster from RAY_ADDRESS (a test starts what it needs); output captured as text."""
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "srtrain.run", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
