@@ -549,6 +549,20 @@ def test_the_docs_quote_every_way_to_deploy():
     assert "kubectl kustomize k8s/base" in quoted
 
 
+def test_the_documented_base_unet_job_is_a_second_valid_run():
+    (command,) = [c for _, c in documented_commands() if "srtrain-train-base" in c]
+    objs, _, selector = build_documented(command)
+    (job,) = [o for o in objs if o["kind"] == "RayJob" and o["metadata"]["name"].endswith("-base")]
+    r = Resource(job, "k8s/README.md")
+    assert selects(label_selector(selector), job)
+    assert not entrypoint_problems(r) and not crd_problems(r)
+    ((_, args),) = commands(job["spec"]["entrypoint"])
+    assert args[args.index("--config") + 1].endswith("/iaprtc12-base.yaml")
+    assert args[args.index("--name") + 1] == "iaprtc12-base"
+    problems, configs = job_problems(r, {"srtrain.run"})
+    assert not problems and [c.model.arch for c in configs.values()] == ["base"], problems
+
+
 def test_irsa_annotation_comes_before_any_pod():
     """The role annotation is read when a pod is created: the README applies the ServiceAccount
     alone, annotates it, and only then applies jobs or the cluster."""
