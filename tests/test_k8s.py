@@ -375,6 +375,32 @@ def test_the_secret_template_redirects_s3_only():
         assert not re.search(r"AWS_ENDPOINT_URL=", path.read_text()), rel(path)
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"AWS_ENDPOINT_URL_S3": "http://s3only:1", "AWS_ENDPOINT_URL": "http://all:2"},
+            "s3only:1",
+        ),
+        ({"AWS_ENDPOINT_URL": "http://all:2"}, "all:2"),
+        ({"AWS_ENDPOINT_URL_S3": "http://s3only:1"}, "s3only:1"),
+    ],
+)
+def test_storage_uses_the_endpoint_the_secret_sets(monkeypatch, env, expected):
+    """Pods get AWS_ENDPOINT_URL_S3 from the Secret; it wins over AWS_ENDPOINT_URL, which still
+    works alone, and a job's own data.endpoint_url wins over both."""
+    from srtrain import storage
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert storage.endpoint() == f"http://{expected}"
+    # what pyarrow will connect to (its pickled arguments)
+    assert storage.s3_filesystem().__reduce__()[1][0]["endpoint_override"] == expected
+    assert storage.endpoint("http://job:3") == "http://job:3"
+
+
 def test_the_gpu_image_is_an_immutable_reference():
     (kust,) = load_documents(K8S / "overlays" / "gpu" / "kustomization.yaml")
     (image,) = kust["images"]
