@@ -1,11 +1,12 @@
 # The srtrain image for KubeRay: Ray's GPU image for Python 3.11 plus the project and its `gpu`
 # extra, installed against constraints.txt so the image resolves the same versions as CI.
 #
-#   docker build -t <registry>/srtrain:0.1.0 .                      # GPU cluster (k8s/overlays/gpu)
+#   docker build -t <registry>/srtrain:0.1.0-$(git rev-parse --short=12 HEAD) .   # k8s/overlays/gpu
 #   docker build --build-arg RAY_FLAVOR=cpu --build-arg EXTRAS= -t srtrain:0.1.0-cpu .   # cpu-dev
 #
-# The tag is [project].version from pyproject.toml (tests/test_k8s.py checks SRTRAIN_VERSION, the
-# Ray version and every image tag in k8s/ against pyproject.toml and constraints.txt).
+# The tag is [project].version from pyproject.toml plus, for a shared registry, the commit: one
+# tag per build, never reused (k8s/README.md, step 1). tests/test_k8s.py checks SRTRAIN_VERSION,
+# the Ray version and every image tag in k8s/ against pyproject.toml and constraints.txt.
 # No credentials are baked in: pods get S3 credentials from a Secret or IRSA / workload identity.
 
 ARG RAY_VERSION=2.60.0
