@@ -760,13 +760,6 @@ def test_the_train_entrypoint_run_twice_starts_then_continues(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="tune.search --resume exits 2 when the named search does not exist yet "
-    "(tune/search.py build_tuner); until it starts the search instead, as srtrain.run does, "
-    "the tune RayJob's first attempt fails. Remove this mark when it does.",
-)
 def test_the_tune_entrypoint_starts_a_search_that_does_not_exist_yet(tmp_path):
     (job,) = [r for r in rendered("gpu") if r.id[2] == "srtrain-tune"]
     ((module, args),) = commands(job.obj["spec"]["entrypoint"])

@@ -254,9 +254,7 @@ def build_tuner(
     )
     fs, path = storage.resolve(search_dir, cfg.data.endpoint_url, cfg.data.region)
     fs = fs if storage.is_s3(search_dir) else None
-    if resume:
-        if not ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
-            raise ConfigError(f"--resume: {search_dir} holds no Tune state to restore")
+    if resume and ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
         return ray.tune.Tuner.restore(
             path,
             trainable=trainable,
@@ -307,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     except storage.StorageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+
+    resuming = args.resume and storage.exists(
+        storage.join(search_dir, "tuner.pkl"), cfg.data.endpoint_url, cfg.data.region
+    )
+    if args.resume and not resuming:
+        # A Kubernetes retry's first attempt, or --resume before anything was saved: start it.
+        print(f"--resume: no search {name!r} under {cfg.run.storage} yet; starting it", flush=True)
 
     start_ray()
     need = trial_resources(cfg)
