@@ -117,7 +117,8 @@ class TrainConfig:
     jit: bool = False
     # Also checkpoint every N steps inside an epoch (0: only at epoch ends).
     checkpoint_every_steps: int = 0
-    # Recent checkpoints kept besides the best one.
+    # Checkpoints kept: --local keeps the best and this many latest ones; Ray mode keeps this
+    # many + 1 with the highest val PSNR, and the latest (Ray's CheckpointConfig.num_to_keep).
     keep_checkpoints: int = 2
     # Validation images written to samples.png.
     sample_images: int = 3
