@@ -34,8 +34,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "samples" (photos bundled with scikit-image / scikit-learn), a shard dataset built by
-    # `python -m srtrain.data build` (local directory or s3://bucket/prefix), or an image folder.
+    # "samples" (photos bundled with scikit-image / scikit-learn), or a shard dataset built by
+    # `python -m srtrain.data build` (local directory or s3://bucket/prefix). Training reads
+    # shards only: build an image folder into shards first (the builder takes folders and
+    # archives).
     source: str = "samples"
     train_split: str = "train"
     val_split: str = "val"
@@ -117,7 +119,8 @@ class TrainConfig:
     jit: bool = False
     # Also checkpoint every N steps inside an epoch (0: only at epoch ends).
     checkpoint_every_steps: int = 0
-    # Recent checkpoints kept besides the best one.
+    # Checkpoints kept: --local keeps the best and this many latest ones; Ray mode keeps this
+    # many + 1 with the highest val PSNR, and the latest (Ray's CheckpointConfig.num_to_keep).
     keep_checkpoints: int = 2
     # Validation images written to samples.png.
     sample_images: int = 3
@@ -377,7 +380,7 @@ def _validate(cfg: Config) -> None:
         bool(d.source.strip()),
         "data.source",
         d.source,
-        "'samples', a shard dataset (local path or s3://bucket/prefix) or an image folder",
+        "'samples' or a shard dataset (local path or s3://bucket/prefix)",
     )
     _check(
         g.blur_kernel >= 1 and g.blur_kernel % 2 == 1,

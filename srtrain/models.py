@@ -6,10 +6,11 @@
 - Base (all flags off, 1,883,267 params at 64 filters): two 3x3 ReLU convs per level at
   F / 2F / 4F filters, max-pooling down, bilinear upsampling up, concatenated skips, a final
   bilinear x`scale` upsample and a 1x1 conv + sigmoid.
-- Advanced (all on, about 1,887,600): LeakyReLU(0.1) (`leaky_relu`), the first conv of each lower
-  level with stride 2 instead of max-pooling (`strided_conv`), a stride-2 Conv2DTranspose replacing
-  upsample + first decoder conv (`conv_transpose`), bias-free convs + BatchNormalization
-  (`batch_norm`), and an identity shortcut around the bottleneck's second conv (`residual`).
+- Advanced (all on, 1,887,107 params, 2,560 of them BatchNorm moving statistics): LeakyReLU(0.1)
+  (`leaky_relu`), the first conv of each lower level with stride 2 instead of max-pooling
+  (`strided_conv`), a stride-2 Conv2DTranspose replacing upsample + first decoder conv
+  (`conv_transpose`), bias-free convs + BatchNormalization (`batch_norm`), and an identity
+  shortcut around the bottleneck's second conv (`residual`).
   Each replacement keeps the parameter count, so the two archs differ only by BatchNorm.
 
 Only built-in layers are used, so a saved `model.keras` loads with plain `keras.saving.load_model`.

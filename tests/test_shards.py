@@ -8,6 +8,7 @@ import os
 import re
 import tarfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,9 @@ from PIL import Image
 
 from srtrain import run
 from srtrain.data import __main__ as data_cli
-from srtrain.data import shards
+from srtrain.data import samples, shards
 from srtrain.storage import StorageError
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 REPO = Path(__file__).resolve().parents[1]
 
 # Planted bad files and the reason the manifest must give for each.
@@ -52,14 +52,27 @@ def plant_bad_files(root: Path) -> None:
     (root / "bad/tiny.png").write_bytes(encode(photo(100, 80), "PNG"))
 
 
+def plant_bundled_photos(root: Path, count: int) -> list[str]:
+    """Copies the first `count` photos that ship with scikit-image / scikit-learn into
+    root/photos, byte for byte (PNG and JPEG, colour and grayscale, 300 to 1,400 pixels a side),
+    and three photos too small to train on into root/small; returns the small ones' paths."""
+    (root / "photos").mkdir(parents=True, exist_ok=True)
+    for name, package, filename in samples.PHOTOS[:count]:
+        data = resources.files(package).joinpath(filename).read_bytes()
+        (root / "photos" / f"{name}{Path(filename).suffix}").write_bytes(data)
+    (root / "small").mkdir(exist_ok=True)
+    small = []
+    for i, (w, h) in enumerate(((200, 180), (255, 300), (300, 120))):
+        (root / "small" / f"{i}.png").write_bytes(encode(photo(w, h, seed=10 + i), "PNG"))
+        small.append(f"small/{i}.png")
+    return small
+
+
 def make_source(root: Path) -> Path:
-    """A small folder: real photos when ../shared is there, synthetic ones else, plus bad files."""
+    """A small folder of real and synthetic photos in every format the builder reads, plus
+    bad files."""
     root.mkdir(parents=True, exist_ok=True)
-    bsd = sorted((DATASETS / "bsd200").glob("*.png"))[:8]
-    t91 = sorted((DATASETS / "t91").glob("*.png"))[:3]
-    for p in bsd + t91:
-        (root / p.parent.name).mkdir(exist_ok=True)
-        (root / p.parent.name / p.name).write_bytes(p.read_bytes())
+    plant_bundled_photos(root, 8)
     (root / "synth").mkdir(exist_ok=True)
     (root / "synth/cmyk.jpg").write_bytes(encode(photo(300, 280, "CMYK", 1), "JPEG"))
     (root / "synth/gray.png").write_bytes(encode(photo(290, 300, "L", 2), "PNG"))
@@ -342,15 +355,8 @@ logging.getLogger("srtrain.data").setLevel(logging.INFO)
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, monkeypatch):
-    if not (DATASETS / "bsd200").is_dir():
-        pytest.skip(f"{DATASETS} is absent")
     src = tmp_path / "src"
-    (src / "bsd200").mkdir(parents=True)
-    for p in sorted((DATASETS / "bsd200").glob("*.png"))[:12]:
-        (src / "bsd200" / p.name).write_bytes(p.read_bytes())
-    (src / "t91").mkdir()
-    for p in sorted((DATASETS / "t91").glob("*.png"))[:3]:
-        (src / "t91" / p.name).write_bytes(p.read_bytes())
+    small = plant_bundled_photos(src, 12)
     plant_bad_files(src)
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
@@ -366,10 +372,7 @@ def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, 
     reasons = {s["path"]: s["reason"] for s in m["skipped"]}
     for path, why in PLANTED.items():
         assert reasons[path].startswith(why)
-    assert all(
-        reasons[f"t91/{p.name}"].startswith("too small")
-        for p in sorted((DATASETS / "t91").glob("*.png"))[:3]
-    )
+    assert all(reasons[path].startswith("too small") for path in small)
     assert len(m["splits"]["train"]["shards"]) >= 2
 
     # Ray workers inherit the environment: S3 settings, and INFO logs of srtrain.data on stderr.
