@@ -223,34 +223,20 @@ def test_eval_dataset_is_deterministic_and_complete(dataset):
         np.testing.assert_array_equal(x, y)
 
 
-def test_pipelines_read_disjoint_shards_and_say_so(dataset, caplog):
+def test_pipelines_read_disjoint_equal_shares_and_say_so(dataset, caplog):
     dest, m = dataset
     cfg = cfg_for(dest)
-    seen = []
-    with caplog.at_level(logging.INFO, logger="srtrain.data"):
-        for i in range(2):
-            ids = data.records(cfg, "train", i, 2).map(lambda r: r["id"])
-            seen.append({x.decode() for x in ids.as_numpy_iterator()})
-    assert not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) == m["splits"]["train"]["images"]
-    lines = [r.getMessage() for r in caplog.records if "reads shards" in r.getMessage()]
-    parts = [set(line.split(": ", 1)[1].split(",")) for line in lines]
-    assert lines[0].startswith("pipeline 0/2 reads shards: ") and not parts[0] & parts[1]
-
-
-def test_fewer_shards_than_pipelines_falls_back_to_elements(dataset, caplog):
-    dest, m = dataset
-    cfg = cfg_for(dest)
-    n = len(m["splits"]["val"]["shards"])
-    count = n + 1
-    seen = []
-    with caplog.at_level(logging.INFO, logger="srtrain.data"):
-        for i in range(count):
-            ids = data.records(cfg, "val", i, count).map(lambda r: r["id"])
-            seen.append([x.decode() for x in ids.as_numpy_iterator()])
-    flat = [x for part in seen for x in part]
-    assert sorted(flat) == sorted(set(flat)) and len(flat) == m["splits"]["val"]["images"]
-    assert any("sharding element-wise" in r.getMessage() for r in caplog.records)
+    for count in (2, 3, 5):
+        seen = []
+        with caplog.at_level(logging.INFO, logger="srtrain.data"):
+            for i in range(count):
+                ids = data.records(cfg, "train", i, count).map(lambda r: r["id"])
+                seen.append([x.decode() for x in ids.as_numpy_iterator()])
+        flat = [x for part in seen for x in part]
+        assert sorted(flat) == sorted(set(flat)) and len(flat) == m["splits"]["train"]["images"]
+        assert max(map(len, seen)) - min(map(len, seen)) <= 1, [len(p) for p in seen]
+    lines = [r.getMessage() for r in caplog.records if " reads " in r.getMessage()]
+    assert lines[0].startswith("pipeline 0/2 reads 8 of 16 train images: train-00000.parquet[0:1]")
 
 
 def test_records_leave_out_images_below_min_size(dataset):
@@ -291,3 +277,114 @@ def test_samples_pipeline_still_works():
     cfg = load_config(None, ["data.patch_size=64", "data.batch_size=2"])
     lr, hr = next(iter(data.train_dataset(cfg)))
     assert lr.shape == (2, 32, 32, 3) and hr.shape == (2, 64, 64, 3)
+
+
+# --- worker shares, passes, resume ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coded_dataset(tmp_path_factory):
+    """12 PNG photos in 3 equal shards of 2-image row groups; a pixel tells its photo (red) and
+    its position in it (green = row, blue = column). Side - 63 is a multiple of 4 (4 a), so the
+    quarter of the range a crop offset falls in is uniform on 0..3."""
+    src = tmp_path_factory.mktemp("coded")
+    for i in range(12):
+        a_h, a_w = 1 + i % 4, 1 + i // 4
+        h, w = 63 + 4 * a_h, 63 + 4 * a_w
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[..., 0] = 10 + 20 * i
+        arr[..., 1] = np.arange(h)[:, None]
+        arr[..., 2] = np.arange(w)[None, :]
+        Image.fromarray(arr).save(src / f"c{i:02d}.png")
+    dest = tmp_path_factory.mktemp("coded-shards")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shards, "ROW_GROUP", 2)
+        size = max(p.stat().st_size for p in src.iterdir())
+        m = shards.build(
+            str(src),
+            str(dest),
+            split={"train": 1.0},
+            shard_size=4 * size - size // 2,  # 4 photos a shard
+            min_size=64,
+            workers=1,
+            progress=False,
+        )
+    assert [s["images"] for s in m["splits"]["train"]["shards"]] == [4, 4, 4]
+    return dest
+
+
+def coded_cfg(dest, *extra):
+    return cfg_for(dest, "degradation.noise_sigma=0", "data.batch_size=64", *extra)
+
+
+def test_three_shards_two_pipelines_read_equal_shares(coded_dataset):
+    # Whole shards dealt round robin would give 8 and 4 photos.
+    cfg = coded_cfg(coded_dataset)
+    seen = [
+        sorted(
+            x.decode()
+            for x in data.records(cfg, "train", i, 2).map(lambda r: r["id"]).as_numpy_iterator()
+        )
+        for i in range(2)
+    ]
+    assert [len(s) for s in seen] == [6, 6] and not set(seen[0]) & set(seen[1])
+
+
+def test_every_pass_reads_the_share_once_in_a_new_order(coded_dataset):
+    cfg = coded_cfg(coded_dataset)
+    ids = [
+        x.decode()
+        for x in data.records(cfg, "train", seed=3)
+        .take(36)
+        .map(lambda r: r["id"])
+        .as_numpy_iterator()
+    ]
+    passes = [ids[0:12], ids[12:24], ids[24:36]]
+    assert all(sorted(p) == sorted(passes[0]) and len(set(p)) == 12 for p in passes)
+    assert len({tuple(p) for p in passes}) == 3  # shard and row-group order differ per pass
+    again = [
+        x.decode()
+        for x in data.records(cfg, "train", seed=3)
+        .take(36)
+        .map(lambda r: r["id"])
+        .as_numpy_iterator()
+    ]
+    assert again == ids  # from the seed
+
+
+def test_resume_continues_the_stream_where_it_stopped(coded_dataset):
+    # Without the record shuffle the continuation is exact: same records, same seeds.
+    cfg = coded_cfg(coded_dataset, "data.shuffle_buffer=1", "data.batch_size=5")
+    whole = [hr.numpy() for _, hr in data.train_dataset(cfg, seed=9).take(8)]
+    rest = [hr.numpy() for _, hr in data.train_dataset(cfg, seed=9, start_batch=6).take(2)]
+    # 6 batches of 5 = 30 records: pass 2, offset 6 of 12
+    for a, b in zip(whole[6:], rest, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_validation_reads_only_each_workers_part(dataset, monkeypatch):
+    dest, m = dataset
+    read = []
+    real = shards.read_shard_blocks
+
+    def spy(*args, **kwargs):
+        for block in real(*args, **kwargs):
+            read.extend(block[0])  # ids
+            yield block
+
+    monkeypatch.setattr(shards, "read_shard_blocks", spy)
+    for cap in (0, 5):
+        cfg = cfg_for(dest, "data.val_patch_size=64", f"data.val_images={cap}")
+        parts = []
+        for i in range(2):
+            read.clear()
+            ids = [
+                k.decode()
+                for k, _, _ in data.eval_dataset(cfg, index=i, count=2)
+                .unbatch()
+                .as_numpy_iterator()
+            ]
+            assert sorted(read) == sorted(ids)  # read nothing but its part
+            parts.append(ids)
+        assert not set(parts[0]) & set(parts[1])
+        assert len(parts[0]) + len(parts[1]) == (cap or m["splits"]["val"]["images"])

@@ -250,12 +250,18 @@ def test_missing_manifest_is_one_line(tmp_path, capsys):
     assert code == 2 and "no such folder, archive or glob" in err
 
 
-def test_assign_shards_disjoint_or_elementwise():
-    names = [f"train-{i:05d}.parquet" for i in range(5)]
-    parts = [shards.assign(names, i, 2) for i in range(2)]
-    assert parts[0] == (names[0::2], False) and parts[1] == (names[1::2], False)
-    assert shards.assign(names[:1], 1, 2) == (names[:1], True)
-    assert shards.assign(names, 0, 1) == (names, False)
+def test_deal_gives_equal_contiguous_shares_whatever_the_shard_count():
+    counts = [64, 64, 64]  # 3 shards for 2 pipelines: whole shards would be 2:1
+    assert shards.deal(counts, 0, 2) == [(0, 0, 64), (1, 0, 32)]
+    assert shards.deal(counts, 1, 2) == [(1, 32, 64), (2, 0, 64)]
+    for counts in ([5], [3, 40, 7, 1], [32] * 9 + [17]):
+        for count in (1, 2, 3, 8):
+            parts = [shards.deal(counts, i, count) for i in range(count)]
+            sizes = [sum(hi - lo for _, lo, hi in p) for p in parts]
+            assert sum(sizes) == sum(counts) and max(sizes) - min(sizes) <= 1
+            rows = [(s, r) for p in parts for s, lo, hi in p for r in range(lo, hi)]
+            assert len(set(rows)) == len(rows) == sum(counts)
+    assert shards.deal([10, 10], 1, 2, limit=6) == [(0, 3, 6)]
 
 
 # --- S3 (SeaweedFS) -----------------------------------------------------------------------------
@@ -341,7 +347,7 @@ logging.getLogger("srtrain.data").setLevel(logging.INFO)
 @pytest.mark.s3
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, monkeypatch):
+def test_two_ray_workers_train_from_s3_on_equal_shares(s3, s3_env, tmp_path, monkeypatch):
     if not (DATASETS / "bsd200").is_dir():
         pytest.skip(f"{DATASETS} is absent")
     src = tmp_path / "src"
@@ -403,11 +409,12 @@ def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, 
     assert p.returncode == 0, out[-4000:]
     reads = {}
     for line in out.splitlines():
-        hit = re.search(r"pipeline (\d)/2 reads shards: (\S+)", line)
+        hit = re.search(r"pipeline (\d)/2 reads (\d+) of (\d+) train images: (\S+)", line)
         if hit:
-            reads[int(hit.group(1))] = set(hit.group(2).split(","))
+            reads[int(hit.group(1))] = (int(hit.group(2)), hit.group(4).split(","))
     assert set(reads) == {0, 1}, out[-4000:]
-    assert not reads[0] & reads[1]
+    total = m["splits"]["train"]["images"]
+    assert sorted(n for n, _ in reads.values()) == [total // 2, total - total // 2]
     train_shards = {s["name"] for s in m["splits"]["train"]["shards"]}
-    assert reads[0] | reads[1] == train_shards
+    assert {p.split("[")[0] for _, parts in reads.values() for p in parts} == train_shards
     assert (tmp_path / "runs" / "e2e" / "result.json").exists()

@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from srtrain import degrade as degrade_ops
-from srtrain.config import Config
+from srtrain.config import Config, ConfigError
 from srtrain.data import samples
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,24 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 def records(
-    cfg: Config, split: str, index: int = 0, count: int = 1, min_size: int = 0
+    cfg: Config,
+    split: str,
+    index: int = 0,
+    count: int = 1,
+    min_size: int = 0,
+    *,
+    seed: int | None = None,
+    start_pass: int = 0,
+    limit: int = 0,
 ) -> tf.data.Dataset:
     """Records of one split, the part `index` of `count` input pipelines reads.
 
-    A shard source leaves out images with a side below `min_size` before they reach tf.data
-    (their sizes are in the shard); the sample photos' sizes are known only once decoded.
+    A shard source gives every pipeline an equal share of the images whatever the shard count
+    (`shards.deal`), reads only that share, and leaves out images with a side below `min_size`
+    before they reach tf.data (their sizes are in the shard); with `seed` it reads endless passes
+    from `start_pass` on, in a new shard and row-group order each pass (`shards.records`). The
+    sample photos' sizes are known only once decoded; they are few, and read once.
+    `limit` > 0: only the split's first `limit` images are shared out.
     """
     source = cfg.data.source
     if source == "samples":
@@ -39,10 +52,13 @@ def records(
         ds = tf.data.Dataset.from_tensor_slices(
             {"id": [i for i, _ in items], "image": [b for _, b in items]}
         )
+        ds = ds.take(limit) if limit > 0 else ds
         return ds.shard(count, index) if count > 1 else ds
     from srtrain.data import shards  # pyarrow only when used
 
-    return shards.records(cfg, split, index, count, min_size)
+    return shards.records(
+        cfg, split, index, count, min_size, seed=seed, start_pass=start_pass, limit=limit
+    )
 
 
 def decode(image: tf.Tensor) -> tf.Tensor:
@@ -229,12 +245,18 @@ def train_dataset(
     count: int = 1,
     seed: int | None = None,
     batch_size: int | None = None,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Endless (lr, hr) batches for input pipeline `index` of `count`.
 
-    `seed` (default train.seed) should differ between pipelines and between resumptions so no
-    two of them replay the same sample stream. Shard records are shuffled while still encoded
-    and only the random patch is decoded; degradation runs once per batch. With
+    `seed` (default train.seed) should differ between pipelines so no two of them replay the
+    same sample stream. `start_batch`: batches this pipeline delivered before (a resumed run,
+    with the interrupted run's seed): the stream continues where it stopped, in the same pass of
+    the data; see `_resume_point` for what is exact and what it costs.
+
+    Every pipeline reads an equal share of the images (`records`) and each pass over its share
+    reads the shards and row groups in a new order. Shard records are shuffled while still
+    encoded and only the random patch is decoded; degradation runs once per batch. With
     `data.patches_per_image` k > 1, each group of batch_size photos is decoded once and gives k
     batches (each photo once per batch), shuffled among a few batches so that siblings are
     usually not consecutive.
@@ -243,12 +265,13 @@ def train_dataset(
     batch = batch_size or cfg.data.batch_size
     seed = cfg.train.seed if seed is None else seed
     k = cfg.data.patches_per_image
-    ds = records(cfg, cfg.data.train_split, index, count, min_size=size)
     if cfg.data.source == "samples":
         # A few photos: decode them once and keep them decoded.
+        ds = records(cfg, cfg.data.train_split, index, count)
         ds = ds.map(lambda r: decode(r["image"]), num_parallel_calls=AUTOTUNE)
         ds = ds.filter(lambda img: big_enough(img, size)).cache()
-        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate()
+        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
+        ds = ds.enumerate(start_batch * batch)
 
         def patch(i, img):
             s = element_seed(seed, i)
@@ -257,7 +280,8 @@ def train_dataset(
         ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)
         ds = ds.batch(batch, drop_remainder=True)
     elif k == 1:
-        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate()
+        ds = _resumed_records(cfg, index, count, seed, start_batch * batch)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate(start_batch * batch)
 
         def patch(i, r):
             s = element_seed(seed, i)
@@ -267,8 +291,10 @@ def train_dataset(
         ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)  # (size, size, 3)
         ds = ds.batch(batch, drop_remainder=True)
     else:
-        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
-        ds = ds.batch(batch, drop_remainder=True).enumerate()
+        groups = start_batch // k  # groups of `batch` records already turned into patches
+        ds = _resumed_records(cfg, index, count, seed, groups * batch)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed)
+        ds = ds.batch(batch, drop_remainder=True).enumerate(groups)
 
         def patch_batches(n, r):  # `batch` records -> k batches of patches, (k, batch, ...)
             s_patch, s_noise = tf.unstack(
@@ -290,6 +316,34 @@ def train_dataset(
     return ds.prefetch(AUTOTUNE).with_options(_options())
 
 
+def _resumed_records(
+    cfg: Config, index: int, count: int, seed: int, position: int
+) -> tf.data.Dataset:
+    """Endless training records of a shard source, from record `position` of the stream on.
+
+    A pass is the pipeline's share once, so `position` falls in pass position // share at
+    offset position % share: reading starts at that pass (in that pass's order) and skips the
+    records before the offset, reading their bytes but decoding nothing (at most one pass of the
+    share is read for nothing). The images the interrupted pass had not reached come next; the
+    exact order differs from an uninterrupted run only within the shuffle buffer (its content is
+    not restored; with a buffer of 1 the continuation is exact) and, with patches_per_image k > 1,
+    within the shuffle of 4 k batches after the patches.
+    """
+    size = cfg.data.patch_size
+    if position <= 0:
+        return records(cfg, cfg.data.train_split, index, count, size, seed=seed)
+    from srtrain.data import shards
+
+    h, w = shards.image_sizes(cfg, cfg.data.train_split, index, count)
+    share = int(np.sum(np.minimum(h, w) >= size))
+    if share == 0:
+        raise ConfigError(f"data.patch_size: no training image of {cfg.data.source} is that big")
+    ds = records(
+        cfg, cfg.data.train_split, index, count, size, seed=seed, start_pass=position // share
+    )
+    return ds.skip(position % share)
+
+
 def eval_dataset(
     cfg: Config,
     split: str | None = None,
@@ -297,15 +351,20 @@ def eval_dataset(
     count: int = 1,
     batch_size: int | None = None,
 ) -> tf.data.Dataset:
-    """Deterministic (id, lr, hr) batches of center crops, for validation and testing."""
+    """Deterministic (id, lr, hr) batches of center crops, for validation and testing.
+
+    Pipeline `index` of `count` reads only its part of the split (of the first
+    `data.val_images` images when that is set): parts are disjoint and together the whole.
+    """
     split = split or cfg.data.val_split
     size = cfg.data.val_patch_size or cfg.data.patch_size
-    ds = records(cfg, split, min_size=size)
     if cfg.data.source == "samples":
+        ds = records(cfg, split)
         ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
-    if cfg.data.val_images:
-        ds = ds.take(cfg.data.val_images)
-    ds = ds.shard(count, index) if count > 1 else ds
+        ds = ds.take(cfg.data.val_images) if cfg.data.val_images else ds
+        ds = ds.shard(count, index) if count > 1 else ds
+    else:
+        ds = records(cfg, split, index, count, min_size=size, limit=cfg.data.val_images)
 
     def make_pair(r):
         # Full decode (not decode_and_crop_jpeg): evaluation pixels match any other decoder's,
