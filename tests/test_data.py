@@ -388,3 +388,110 @@ def test_validation_reads_only_each_workers_part(dataset, monkeypatch):
             parts.append(ids)
         assert not set(parts[0]) & set(parts[1])
         assert len(parts[0]) + len(parts[1]) == (cap or m["splits"]["val"]["images"])
+
+
+# --- decoded-image cache ------------------------------------------------------------------------
+
+
+def patch_stats(hr: np.ndarray) -> tuple[int, int, int]:
+    """(photo, crop cell 0..15, dihedral 0..7) of a uint8 patch of a `coded_dataset` photo."""
+    photo = (int(hr[0, 0, 0]) - 10) // 20
+    a_h, a_w = 1 + photo % 4, 1 + photo // 4
+    y, x = hr[..., 1].astype(int), hr[..., 2].astype(int)
+    top, left = y.min(), x.min()
+    corner = 2 * int(y[0, 0] != top) + int(x[0, 0] != left)
+    along_rows = int(y[0, 1] == y[0, 0])  # the first row runs along the photo's row
+    return photo, 4 * (top // a_h) + left // a_w, 2 * corner + along_rows
+
+
+def histograms(batches) -> list[np.ndarray]:
+    stats = np.array([patch_stats(p) for hr in batches for p in hr])
+    return [np.bincount(stats[:, j], minlength=n) for j, n in enumerate((12, 16, 8))]
+
+
+def chi2_uniform(counts: np.ndarray) -> float:
+    expect = counts.sum() / len(counts)
+    return float(((counts - expect) ** 2 / expect).sum())
+
+
+def chi2_same(a: np.ndarray, b: np.ndarray) -> float:
+    """Chi-square statistic of homogeneity of two histograms (equal totals)."""
+    both = a + b
+    ok = both > 0
+    return float(((a[ok] - b[ok]) ** 2 / both[ok]).sum())
+
+
+# p = 0.001 points of chi-square with 11, 15 and 7 degrees of freedom
+BOUNDS = (31.3, 37.7, 24.3)
+
+
+def test_decoded_cache_draws_patches_like_window_decoding(coded_dataset, monkeypatch):
+    cfg = coded_cfg(coded_dataset, "data.shuffle_buffer=12")
+    cached = coded_cfg(coded_dataset, "data.decoded_cache=true")
+    n = 24  # batches of 64
+    plain = histograms(
+        (hr.numpy() * 255).round().astype(np.uint8)
+        for _, hr in data.train_dataset(cfg, seed=1).take(n)
+    )
+    fast = histograms(
+        (hr.numpy() * 255).round().astype(np.uint8)
+        for _, hr in data.train_dataset(cached, seed=1).take(n)
+    )
+    for p, f, bound in zip(plain, fast, BOUNDS, strict=True):
+        assert p.sum() == f.sum() == 64 * n
+        assert chi2_uniform(p) < bound and chi2_uniform(f) < bound, (p, f)
+        assert chi2_same(p, f) < bound, (p, f)
+    # The same check on a cache whose batches all come from one seed fails.
+    real = data.cache_batch
+    monkeypatch.setattr(data, "cache_batch", lambda c, s, b, seed, n: real(c, s, b, seed, 0))
+    stuck = histograms(
+        hr.numpy() for hr, _ in data.cached_batches(data.decoded_cache(cached), 64, 64, 1).take(n)
+    )
+    assert all(chi2_uniform(h) > bound for h, bound in zip(stuck, BOUNDS, strict=True))
+
+
+def test_decoded_cache_is_reproducible_and_resumable(coded_dataset):
+    cache = data.decoded_cache(coded_cfg(coded_dataset, "data.decoded_cache=true"))
+    assert len(cache.offsets) == 12 and cache.pixels.size == int(
+        (cache.heights * cache.widths * 3).sum()
+    )
+    whole = list(data.cached_batches(cache, 64, 8, 5).take(6).as_numpy_iterator())
+    rest = list(data.cached_batches(cache, 64, 8, 5, start_batch=4).take(2).as_numpy_iterator())
+    for (a, s), (b, t) in zip(whole[4:], rest, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(s, t)
+    hr, seeds = whole[0]
+    assert hr.dtype == np.uint8 and hr.shape == (8, 64, 64, 3) and seeds.shape == (8, 2)
+    assert len({tuple(s) for _, ss in whole for s in ss}) == 48  # fresh noise seed per patch
+
+
+def test_decoded_cache_memory_check(coded_dataset, monkeypatch, caplog):
+    from srtrain.config import ConfigError
+
+    need, n = data.decoded_cache_bytes(coded_cfg(coded_dataset))
+    sides = [(63 + 4 * (1 + i % 4), 63 + 4 * (1 + i // 4)) for i in range(12)]
+    assert (need, n) == (sum(3 * h * w for h, w in sides), 12)
+    with pytest.raises(ConfigError) as e:
+        data.train_dataset(coded_cfg(coded_dataset, "data.decoded_cache=1e-6"))
+    assert str(e.value) == (
+        f"data.decoded_cache needs {need / 1e9:.3g} GB for 12 images, the cap is 1e-06 GB; "
+        "set data.decoded_cache=false or use more workers"
+    )
+    monkeypatch.setattr(data, "available_memory", lambda: 2**20)
+    with pytest.raises(ConfigError, match="this worker has 0 GB available"):
+        data.train_dataset(coded_cfg(coded_dataset, "data.decoded_cache=5"))
+    with caplog.at_level(logging.WARNING, logger="srtrain.data"):
+        _, hr = next(iter(data.train_dataset(coded_cfg(coded_dataset, "data.decoded_cache=true"))))
+    assert hr.shape == (64, 64, 64, 3)  # window decoding instead
+    assert any("decoding patch windows instead" in r.getMessage() for r in caplog.records)
+
+
+def test_decoded_cache_option_parses():
+    from srtrain.config import ConfigError
+
+    assert load_config(None, ["data.decoded_cache=true"]).data.decoded_cache is True
+    assert load_config(None, ["data.decoded_cache=2"]).data.decoded_cache == 2.0
+    assert load_config(None).data.decoded_cache is False
+    for bad in ("0", "-1", "lots"):
+        with pytest.raises(ConfigError, match=r"^data\.decoded_cache: got"):
+            load_config(None, [f"data.decoded_cache={bad}"])
