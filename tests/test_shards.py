@@ -298,6 +298,45 @@ def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_pa
 
 
 @pytest.mark.s3
+def test_shares_sizes_and_decoded_cache_from_s3(s3, s3_env, monkeypatch, tmp_path):
+    from srtrain import data
+    from srtrain.config import load_config
+
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        photo(70 + 3 * i, 66 + i, seed=i).save(src / f"p{i}.png")
+    dest = f"s3://{s3.bucket}/datasets/shares"
+    with monkeypatch.context() as mp:
+        mp.setattr(shards, "ROW_GROUP", 2)
+        shards.build(
+            str(src),
+            dest,
+            split={"train": 1.0},
+            shard_size=40_000,
+            min_size=64,
+            workers=1,
+            progress=False,
+        )
+    for cache in ("false", "true"):
+        cfg = load_config(
+            None, [f"data.source={dest}", "data.patch_size=64", f"data.cache={cache}"]
+        )
+        parts = [shards.image_sizes(cfg, "train", i, 3) for i in range(3)]
+        assert [len(h) for h, _ in parts] in ([4, 3, 3], [3, 3, 4], [3, 4, 3])
+        sides = sorted((int(h), int(w)) for hs, ws in parts for h, w in zip(hs, ws, strict=True))
+        assert sides == sorted((66 + i, 70 + 3 * i) for i in range(10))
+        ids = [r["id"] for r in data.records(cfg, "train", 1, 3).as_numpy_iterator()]
+        assert len(ids) == len(parts[1][0])
+    cfg = load_config(None, [f"data.source={dest}", "data.patch_size=64", "data.decoded_cache=1"])
+    cache = data.decoded_cache(cfg, 0, 2)
+    need, n = data.decoded_cache_bytes(cfg, 0, 2)
+    assert cache.pixels.size == need and len(cache.offsets) == n == 5
+
+
+@pytest.mark.s3
 @pytest.mark.parametrize("problem", ["missing bucket", "bad credentials", "missing manifest"])
 def test_training_job_fails_fast_with_one_line(s3, s3_env, problem, tmp_path, monkeypatch, capsys):
     for k, v in s3_env.items():
