@@ -462,6 +462,15 @@ def test_decoded_cache_is_reproducible_and_resumable(coded_dataset):
         np.testing.assert_array_equal(s, t)
     hr, seeds = whole[0]
     assert hr.dtype == np.uint8 and hr.shape == (8, 64, 64, 3) and seeds.shape == (8, 2)
+    photos = [
+        cache.pixels[o : o + h * w * 3].reshape(h, w, 3)
+        for o, h, w in zip(cache.offsets, cache.heights, cache.widths, strict=True)
+    ]
+    for patch in hr:  # a flip/rotation of a window of the photo its pixels name
+        img = next(p for p in photos if p[0, 0, 0] == patch[0, 0, 0])
+        top, left = int(patch[..., 1].min()), int(patch[..., 2].min())
+        window = img[top : top + 64, left : left + 64]
+        assert any(np.array_equal(patch, c) for c in dihedral_images(window))
     assert len({tuple(s) for _, ss in whole for s in ss}) == 48  # fresh noise seed per patch
 
 
@@ -495,3 +504,19 @@ def test_decoded_cache_option_parses():
     for bad in ("0", "-1", "lots"):
         with pytest.raises(ConfigError, match=r"^data\.decoded_cache: got"):
             load_config(None, [f"data.decoded_cache={bad}"])
+
+
+def test_cache_dihedral_matches_the_numpy_definition(monkeypatch):
+    src = np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)[2:18, 5:21]
+    fast = []
+    for code in range(8):
+        dst = np.empty((16, 16, 3), np.uint8)
+        data._put_dihedral(src, code, dst)
+        fast.append(dst)
+    monkeypatch.setattr(data, "cv2", None)
+    for code in range(8):
+        dst = np.empty((16, 16, 3), np.uint8)
+        data._put_dihedral(src, code, dst)
+        np.testing.assert_array_equal(dst, fast[code])
+    assert len({f.tobytes() for f in fast}) == 8
+    assert {f.tobytes() for f in fast} == {c.tobytes() for c in dihedral_images(src)}
