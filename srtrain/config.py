@@ -70,6 +70,12 @@ class DegradationConfig:
     noise_sigma: float = 10.0
     # Seed of the validation/test degradation: the same image always gives the same LR.
     eval_seed: int = 1234
+    # Where training pairs are degraded. "input": in tf.data, on the CPU. "replica": tf.data
+    # delivers uint8 HR patches and per-sample seeds and each replica degrades its batch inside
+    # its compiled train step, on its device (same function, same seeds, same LR): the GPU
+    # default (jobs/iaprtc12-*.yaml), since a CPU core feeds a GPU far fewer pairs than it
+    # trains on (bench/README.md). Validation and test LR are made in tf.data either way.
+    on: Literal["input", "replica"] = "input"
 
 
 @dataclass(frozen=True)
