@@ -298,6 +298,24 @@ def _deep_copy(data: Any) -> Any:
 # --- loading ------------------------------------------------------------------------------------
 
 
+class _JobLoader(yaml.SafeLoader):
+    """YAML 1.1 reads a plain `on`, `off`, `yes` or `no` as a boolean, keys included; a job's keys
+    are names (`degradation.on`), so a key is kept as the text written. Values are unchanged."""
+
+
+def _mapping_with_named_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    return {
+        (k.value if k.tag == "tag:yaml.org,2002:bool" else loader.construct_object(k, deep=True)): (
+            loader.construct_object(v, deep=True)
+        )
+        for k, v in node.value
+    }
+
+
+_JobLoader.add_constructor("tag:yaml.org,2002:map", _mapping_with_named_keys)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -307,7 +325,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read job file ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_JobLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -27,6 +27,25 @@ def _paths(*extra):
     )
 
 
+def test_degradation_on_reads_from_yaml_and_round_trips(tmp_path):
+    """YAML 1.1 reads a plain `on:` key as True: the job loader keeps it as the key `on`, and
+    the resolved config.yaml (read back by compare/evaluate with yaml.safe_load) round-trips."""
+    import yaml
+
+    from srtrain.config import ConfigError, from_dict, load_config, to_yaml
+
+    job = tmp_path / "job.yaml"
+    job.write_text("degradation:\n  on: replica\ntrain:\n  jit: yes\n")
+    cfg = load_config(job)
+    assert cfg.degradation.on == "replica" and cfg.train.jit is True
+    assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+    assert load_config(None).degradation.on == "input"
+    with pytest.raises(ConfigError, match=r"degradation\.on"):
+        load_config(None, ["degradation.on=gpu"])
+    for name in ("iaprtc12-base", "iaprtc12-advanced"):
+        assert load_config(REPO / "jobs" / f"{name}.yaml").degradation.on == "replica"
+
+
 def _replica_lr(strategy, prepare, batch, shift_seeds=0):
     """The (lr, hr) the train step's replicas compute from a distributed (hr, seeds) batch,
     as lists of per-replica arrays. `shift_seeds` changes the seeds (the test's own guard)."""
