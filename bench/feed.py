@@ -28,12 +28,13 @@ with demand_img_per_s = 5,600: Base U-Net bf16 at batch 64 on one H200 (DESIGN.m
 480x360, about a fifth portrait 360x480, a few other shapes with the short side >= 320; quality
 75-85; random crops, resizes, flips and colour shifts of the photos bundled with scikit-image
 and scikit-learn, so they compress like photos), written to a temp dir in IAPR's layout
-(images/00..39/NNNNN.jpg), then `python -m srtrain.data build` with its defaults (split
-0.68/0.17/0.15, 128 MB shards), timed, with the peak resident memory and open file handles of
-the build process tree sampled. Then one worker's share at 8 workers (index 0 of 8): the time to
-its first batch and its peak resident memory without the decoded cache and, where the option
-exists, with data.decoded_cache=true (the cache fill). Nothing is written inside the repository
-but the result file.
+(images/00..39/NNNNN.jpg), then `python -m srtrain.data build` (split 0.68/0.17/0.15), once
+per --shard-size (128MB, the command's default, and 16MB), timed, with the peak resident memory
+and open files of the build's process tree sampled. Then one worker's share at 8 workers (index
+0 of 8):
+the time to its first batch and its peak resident memory without the decoded cache and, where
+the option exists, with data.decoded_cache=true (the cache fill). Nothing is written inside the
+repository but the result file.
 """
 
 from __future__ import annotations
@@ -382,10 +383,10 @@ def run_sampled(cmd: list[str], **kw) -> dict:
     }
 
 
-def build_shards(photos: Path, dest: Path, workers: int) -> dict:
+def build_shards(photos: Path, dest: Path, workers: int, shard_size: str) -> dict:
     run = run_sampled(
         [sys.executable, "-m", "srtrain.data", "build", str(photos), str(dest),
-         "--workers", str(workers), "--no-progress"],
+         "--workers", str(workers), "--shard-size", shard_size, "--no-progress"],
         cwd=REPO,
     )  # fmt: skip
     if run["returncode"] != 0:
@@ -406,8 +407,8 @@ def build_shards(photos: Path, dest: Path, workers: int) -> dict:
         }
     images = manifest["images"]
     return {
-        "command": "python -m srtrain.data build PHOTOS DEST (defaults: split "
-        f"0.68/0.17/0.15, 128MB shards) --workers {workers}",
+        "command": "python -m srtrain.data build PHOTOS DEST (default split 0.68/0.17/0.15) "
+        f"--workers {workers} --shard-size {shard_size}",
         "seconds": run["seconds"],
         "images_per_s": round(images / run["seconds"], 1),
         "cpu_seconds": run["cpu_seconds"],
@@ -474,27 +475,25 @@ def cache_fill(dest: Path, batches: int) -> dict:
 
 def iapr_scale(args) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="srtrain-iapr-"))
-    photos, dest = work / "images", work / "shards"
+    photos, stats = work / "images", work / "generation.json"
     keep = bool(args.work)
+    builds = []
     try:
-        if dest.exists():
-            shutil.rmtree(dest)
-        if not (photos / "00").is_dir():
+        if not stats.exists():
             print(f"generating {args.images} photos in {photos} ...", flush=True)
-            gen = generate(photos, args.images, args.procs)
-        else:
-            files = list(photos.glob("*/*.jpg"))
-            gen = {"images": len(files), "reused": True}
-        print(f"  {gen}\nbuilding shards in {dest} ...", flush=True)
-        build = build_shards(photos, dest, args.procs)
-        print(f"  {build}\none worker's share at 8 workers ...", flush=True)
-        base = ["degradation.on=replica", "data.patch_size=256", "data.batch_size=64"]
-        share = {
-            "workers": 8,
-            "no_cache": worker_share(dest, base, args.share_batches),
-            "decoded_cache": cache_fill(dest, args.share_batches),
-        }
-        print(f"  {share}", flush=True)
+            stats.write_text(json.dumps(generate(photos, args.images, args.procs)))
+        gen = json.loads(stats.read_text())
+        print(f"  {gen}", flush=True)
+        for size in args.shard_size.split(","):
+            dest = work / f"shards-{size}"
+            shutil.rmtree(dest, ignore_errors=True)
+            print(f"building shards in {dest} ...", flush=True)
+            build = build_shards(photos, dest, args.procs, size)
+            print(f"  {build}\none worker's share at 8 workers ...", flush=True)
+            share = worker_shares(dest, build["splits"]["train"]["shards"], args.share_batches)
+            print(f"  {share}", flush=True)
+            builds.append({"shard_size": size, "build": build, "worker_share": share})
+            shutil.rmtree(dest, ignore_errors=True)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -513,11 +512,26 @@ def iapr_scale(args) -> int:
                 "bundled with scikit-image and scikit-learn",
                 **gen,
             },
-            "build": build,
-            "worker_share": share,
+            "builds": builds,
         },
     )
     return 0
+
+
+def worker_shares(dest: Path, train_shards: int, batches: int) -> dict:
+    base = ["degradation.on=replica", "data.patch_size=256", "data.batch_size=64"]
+    return {
+        "workers": 8,
+        "train_shards": train_shards,
+        "worker_reads": (
+            f"its own {train_shards // 8}+ of the {train_shards} train shards"
+            if train_shards >= 8
+            else f"all {train_shards} train shards, keeping every 8th image (fewer shards "
+            "than workers: element-wise sharding)"
+        ),
+        "no_cache": worker_share(dest, base, batches),
+        "decoded_cache": cache_fill(dest, batches),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=20_000)
     p.add_argument("--procs", type=int, default=2, help="processes generating and building")
     p.add_argument("--share-batches", type=int, default=10)
+    p.add_argument(
+        "--shard-size",
+        default="128MB,16MB",
+        help="build's --shard-size, one build each (128MB: the command's default)",
+    )
     p.add_argument("--work", default="", help="keep (and reuse) photos here (default: temp)")
     p.add_argument("--out-iapr", default=str(REPO / "bench" / "results" / "feed_iapr.json"))
     args = p.parse_args(argv)
