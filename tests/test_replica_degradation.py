@@ -135,29 +135,31 @@ def test_same_lr_on_both_paths_one_device():
 
 
 def test_replica_path_trains_under_mixed_precision_and_jit():
-    """bf16 and fp16 policies (fp16 with loss scaling), and train.jit: a step runs, its loss is
-    finite. Under XLA the noise comes from XLA's own Philox stream (the same distribution, not
-    the same values), so there the noise-free part must match and the noise must have sigma."""
+    """bf16 and fp16 policies (fp16 with loss scaling): one step on the replica path gives the
+    loss of the input path (the degradation computes in float32 either way). train.jit: a step
+    runs; under XLA the noise comes from XLA's own Philox stream (the same distribution, not the
+    same values), so there the noise-free part must match and the noise must have sigma."""
+    import keras
     import tensorflow as tf
 
     from srtrain import data, losses, models, train
 
-    _, cfg_rep = _paths()
+    cfg_in, cfg_rep = _paths()
+    batch_in = next(iter(data.train_dataset(cfg_in)))
     hr_u8, seeds = next(iter(data.train_dataset(cfg_rep)))
     for policy in ("mixed_bfloat16", "mixed_float16"):
-        model = models.build_unet(filters=4, dtype=policy)
-        opt = train.make_optimizer(1e-3, policy)
-        opt.build(model.trainable_variables)
-        step = train.make_train_step(
-            tf.distribute.get_strategy(),
-            model,
-            opt,
-            losses.mae,
-            4,
-            False,
-            train.prepare_batch(cfg_rep),
-        )
-        assert np.isfinite(float(step((hr_u8, seeds)))), policy
+        step_losses = []
+        for cfg, batch in ((cfg_in, batch_in), (cfg_rep, (hr_u8, seeds))):
+            keras.utils.set_random_seed(1)
+            model = models.build_unet(filters=4, dtype=policy)
+            opt = train.make_optimizer(1e-3, policy)
+            opt.build(model.trainable_variables)
+            strategy = tf.distribute.get_strategy()
+            prepare = train.prepare_batch(cfg)
+            step = train.make_train_step(strategy, model, opt, losses.mae, 4, False, prepare)
+            step_losses.append(float(step(batch)))
+        assert np.isfinite(step_losses[0]), policy
+        assert step_losses[1] == pytest.approx(step_losses[0], rel=1e-6), policy
 
     clean_in, clean = _paths("degradation.noise_sigma=0")
     lr_in, _ = next(iter(data.train_dataset(clean_in)))
