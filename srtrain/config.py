@@ -82,6 +82,17 @@ class DegradationConfig:
     noise_sigma: float = 10.0
     # Seed of the validation/test degradation: the same image always gives the same LR.
     eval_seed: int = 1234
+    # Where training pairs are degraded. "input": in tf.data, on the CPU. "replica": tf.data
+    # delivers uint8 HR patches and per-sample seeds and each replica degrades its batch inside
+    # its compiled train step, on its device (same function, same seeds, same LR): the GPU
+    # default (jobs/iaprtc12-*.yaml), since a CPU core feeds a GPU far fewer pairs than it
+    # trains on (bench/README.md). Validation and test LR are made in tf.data either way. Under
+    # train.jit the noise comes from XLA's own random stream (same distribution, other values).
+    # CPU-only runs keep "input": there it makes no measurable difference (srtrain.run --local,
+    # Base U-Net at 16 filters, HR 96, batch 8, fp32, 3 runs each way alternated, AMD EPYC at
+    # load 7-20 on 2 cores: median 41 img/s input vs 42 replica, 20.0 vs 19.6 CPU-s per run),
+    # and in tf.data the degradation overlaps the step instead of lengthening it.
+    on: Literal["input", "replica"] = "input"
 
 
 @dataclass(frozen=True)
@@ -305,6 +316,24 @@ def _deep_copy(data: Any) -> Any:
 # --- loading ------------------------------------------------------------------------------------
 
 
+class _JobLoader(yaml.SafeLoader):
+    """YAML 1.1 reads a plain `on`, `off`, `yes` or `no` as a boolean, keys included; a job's keys
+    are names (`degradation.on`), so a key is kept as the text written. Values are unchanged."""
+
+
+def _mapping_with_named_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    return {
+        (k.value if k.tag == "tag:yaml.org,2002:bool" else loader.construct_object(k, deep=True)): (
+            loader.construct_object(v, deep=True)
+        )
+        for k, v in node.value
+    }
+
+
+_JobLoader.add_constructor("tag:yaml.org,2002:map", _mapping_with_named_keys)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -314,7 +343,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read job file ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_JobLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

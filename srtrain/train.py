@@ -113,10 +113,23 @@ def make_optimizer(lr: float, policy: str) -> keras.optimizers.Optimizer:
     return opt
 
 
-def make_train_step(strategy, model, optimizer, loss_fn, global_batch: int, jit: bool = False):
-    """A tf.function taking one distributed (lr, hr) batch; returns the global mean loss."""
+def prepare_batch(cfg: Config) -> Callable | None:
+    """What a replica does to its batch before the forward pass: nothing (None) when tf.data
+    delivers (lr, hr); with degradation.on=replica, it turns (hr uint8, seeds) into (lr, hr) with
+    the input side's own `data.degrade_batch`, on the replica's device, inside its step."""
+    if cfg.degradation.on == "input":
+        return None
+    return lambda hr, seeds: data.degrade_batch(hr, seeds, cfg)
 
-    def step_fn(lr, hr):
+
+def make_train_step(
+    strategy, model, optimizer, loss_fn, global_batch: int, jit: bool = False, prepare=None
+):
+    """A tf.function taking one distributed batch, (lr, hr) or what `prepare` (see
+    `prepare_batch`) turns into (lr, hr); returns the global mean loss."""
+
+    def step_fn(*batch):
+        lr, hr = prepare(*batch) if prepare else batch
         with tf.GradientTape() as tape:
             sr = model(lr, training=True)
             per_example = loss_fn(hr, sr)  # (B_replica,)
@@ -247,7 +260,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
 
     train_iter = iter(distributed_train_dataset(strategy, cfg, global_batch, state.step))
     val_ds = data.eval_dataset(cfg, index=ctx.rank, count=ctx.world_size)
-    train_step = make_train_step(strategy, model, optimizer, loss_fn, global_batch, cfg.train.jit)
+    train_step = make_train_step(
+        strategy, model, optimizer, loss_fn, global_batch, cfg.train.jit, prepare_batch(cfg)
+    )
     eval_step = make_eval_step(model, loss_fn, scale)
     tb = (
         tensorboard.TensorBoardWriter(ctx.run_dir, cfg, val_ds, images=cfg.train.sample_images)
@@ -384,7 +399,8 @@ def _progress_line(row: dict, epochs: int) -> str:
     if row["input_wait"] > 0.10:
         line += (
             f"  input-bound: {row['input_wait']:.0%} of step time waiting for data"
-            " (more scaling.cpus_per_worker, or data.patches_per_image=2)"
+            " (degradation.on=replica and data.decoded_cache=true on GPUs; more"
+            " scaling.cpus_per_worker; or data.patches_per_image=2)"
         )
     if "lr_reduced_to" in row:
         line += f"  (lr -> {row['lr_reduced_to']:.1e})"

@@ -167,3 +167,5 @@ def test_progress_line_flags_input_bound_epochs():
     line = _progress_line({**row, "input_wait": 0.3}, 5)
     assert "input-bound: 30% of step time waiting for data" in line
     assert "data.patches_per_image=2" in line and "\n" not in line
+    for option in ("degradation.on=replica", "data.decoded_cache", "scaling.cpus_per_worker"):
+        assert option in line

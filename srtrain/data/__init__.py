@@ -231,6 +231,9 @@ def gaussian_noise(shape: tf.Tensor, seed: tf.Tensor, stddev: float) -> tf.Tenso
 def degrade_batch(hr: tf.Tensor, seeds: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
     """(B, H, W, 3) uint8 patches -> (lr, hr) float batches, one op call for the whole batch.
 
+    Runs at the end of `train_dataset` (degradation.on: input) or, unchanged, inside the train
+    step on the replica's device (replica): either way the same seeds give the same LR.
+
     The same degradation as `srtrain.degrade.degrade` (area down, blur, Gaussian noise, clip);
     the noise of a batch comes from its first element's seed, so every element still gets
     fresh independent noise and the batch is reproducible.
@@ -259,7 +262,9 @@ def train_dataset(
     batch_size: int | None = None,
     start_batch: int = 0,
 ) -> tf.data.Dataset:
-    """Endless (lr, hr) batches for input pipeline `index` of `count`.
+    """Endless (lr, hr) batches for input pipeline `index` of `count`; with
+    `degradation.on: replica`, (hr, seeds) batches instead, uint8 patches and their int64 seeds,
+    which `degrade_batch` turns into the same (lr, hr) inside the train step.
 
     `seed` (default train.seed) should differ between pipelines so no two of them replay the
     same sample stream. `start_batch`: batches this pipeline delivered before (a resumed run,
@@ -325,9 +330,12 @@ def train_dataset(
 
         ds = ds.map(patch_batches, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
         ds = ds.shuffle(4 * k, seed=seed + 1)
-    ds = ds.map(
-        lambda hr, s: degrade_batch(hr, s, cfg), num_parallel_calls=AUTOTUNE, deterministic=True
-    )
+    # (hr, seeds): (B, size, size, 3) uint8, (B, 2) int64
+    if cfg.degradation.on == "input":
+        ds = ds.map(
+            lambda hr, s: degrade_batch(hr, s, cfg), num_parallel_calls=AUTOTUNE, deterministic=True
+        )
+    # else degradation.on == "replica": the train step runs degrade_batch on its device
     return ds.prefetch(AUTOTUNE).with_options(_options())
 
 
