@@ -68,7 +68,7 @@ class DataConfig:
     # not fit fails at the start with one line giving both figures. data.patches_per_image does
     # not apply with the cache.
     decoded_cache: bool | float = False
-    # S3-compatible endpoint; empty means the AWS_ENDPOINT_URL environment variable or AWS itself.
+    # S3-compatible endpoint; empty: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS itself.
     endpoint_url: str = ""
     region: str = ""
 
