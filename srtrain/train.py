@@ -113,8 +113,30 @@ def make_optimizer(lr: float, policy: str) -> keras.optimizers.Optimizer:
     return opt
 
 
+def _summed_over_replicas(grads: list) -> list:
+    """The gradients every replica will apply, on every replica, before a loss-scale verdict.
+
+    Keras' LossScaleOptimizer checks the gradients it is handed for inf/NaN and, under
+    tf.distribute, takes one replica's verdict for all (keras/src/optimizers/
+    loss_scale_optimizer.py, `_tf_apply`), but it is handed each replica's own un-reduced
+    gradients: an overflow on another replica reaches the weights through the all-reduce inside
+    `apply`, and replicas that disagree around that collective can hang. Summed here, every
+    replica checks the same numbers, the ones that are applied. Keras 3's TF optimizer always
+    sums over replicas inside `apply` (no flag skips it), hence the `/ n`, exact when n is a
+    power of two. Costs a second all-reduce per step; only fp16 with several replicas pays it.
+    """
+    ctx = tf.distribute.get_replica_context()
+    n = ctx.num_replicas_in_sync
+    if n == 1:
+        return grads
+    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    return [g / n for g in summed]
+
+
 def make_train_step(strategy, model, optimizer, loss_fn, global_batch: int, jit: bool = False):
-    """A tf.function taking one distributed (lr, hr) batch; returns the global mean loss."""
+    """A tf.function taking one distributed (lr, hr) batch; returns the global mean loss as a
+    tensor (reading it is a device-to-host copy: the loop reads it only at log boundaries)."""
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def step_fn(lr, hr):
         with tf.GradientTape() as tape:
@@ -123,6 +145,8 @@ def make_train_step(strategy, model, optimizer, loss_fn, global_batch: int, jit:
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, model.trainable_variables)
+        if loss_scaled:
+            grads = _summed_over_replicas(grads)  # one skip-or-apply verdict for all replicas
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
 

@@ -90,6 +90,65 @@ def _mirrored_check() -> dict:
     return out
 
 
+def _fp16_overflow_check() -> dict:
+    """fp16 on 2 replicas, an overflow planted on replica 1 only: one step, then what happened."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from srtrain import losses, models, train
+
+    train.split_cpu(2)
+    strategy = train.pick_strategy()
+    rng = np.random.default_rng(0)
+    lr = rng.random((2, 4, 16, 16, 3), "float32")  # (replica, B, h, w, C)
+    hr = rng.random((2, 4, 32, 32, 3), "float32")
+    lr[1, 0, 0, 0, 0] = 1e6  # beyond float16's 65504: inf on replica 1 only
+    keras.utils.set_random_seed(3)
+    with strategy.scope():
+        model = models.build_unet(filters=8, dtype="mixed_float16")
+        opt = train.make_optimizer(1e-3, "mixed_float16")
+        opt.build(model.trainable_variables)
+    init = [w.copy() for w in model.get_weights()]
+    scale_before = float(opt.dynamic_scale.numpy())
+    step = train.make_train_step(strategy, model, opt, losses.mae, 8)
+    batch = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            tf.constant(lr[ctx.replica_id_in_sync_group]),
+            tf.constant(hr[ctx.replica_id_in_sync_group]),
+        )
+    )
+    step(batch)
+    per_replica = [
+        [v.value.values[i].numpy() for v in model.weights] for i in range(2)
+    ]  # every variable as each replica holds it
+    out = {
+        "scale_before": scale_before,
+        "scale_after": float(opt.dynamic_scale.numpy()),
+        "iterations": int(opt.iterations.numpy()),
+        "finite": all(bool(np.isfinite(w).all()) for ws in per_replica for w in ws),
+        "replica_spread": max(
+            float(np.max(np.abs(a - b))) for a, b in zip(*per_replica, strict=True)
+        ),
+        "moved": max(
+            float(np.max(np.abs(a - b))) for a, b in zip(per_replica[0], init, strict=True)
+        ),
+    }
+    # a clean batch afterwards is applied, on both replicas alike
+    clean = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            tf.constant(np.clip(lr[ctx.replica_id_in_sync_group], 0, 1)),
+            tf.constant(hr[ctx.replica_id_in_sync_group]),
+        )
+    )
+    step(clean)
+    out["moved_after_clean_step"] = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(model.get_weights(), init, strict=True)
+    )
+    out["iterations_after_clean_step"] = int(opt.iterations.numpy())
+    return out
+
+
 @pytest.fixture(scope="module")
 def mirrored():
     p = subprocess.run(
@@ -118,6 +177,28 @@ def test_two_replicas_of_4_equal_one_of_8(mirrored):
 
 def test_mirrored_replicas_keep_identical_weights(mirrored):
     assert mirrored["replica_weight_spread"] == 0.0
+
+
+def _run_check(name: str) -> dict:
+    p = subprocess.run(
+        [sys.executable, __file__, name],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_fp16_overflow_on_one_replica_skips_the_step_on_all():
+    r = _run_check("fp16")
+    # the verdict is taken on the summed gradients: skipped everywhere, the loss scale halves
+    assert r["scale_before"] == 2.0**15 and r["scale_after"] == 2.0**14
+    assert r["iterations"] == 0
+    assert r["finite"] and r["moved"] == 0.0 and r["replica_spread"] == 0.0
+    # and a clean step afterwards trains, on both replicas alike
+    assert r["moved_after_clean_step"] > 0 and r["iterations_after_clean_step"] == 1
 
 
 @pytest.mark.slow
@@ -249,5 +330,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     if sys.argv[1] == "mirrored":
         print(json.dumps(_mirrored_check()))
+    elif sys.argv[1] == "fp16":
+        print(json.dumps(_fp16_overflow_check()))
     elif sys.argv[1] == "mwms":
         _run_mwms(sys.argv[2])
