@@ -254,12 +254,13 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
     scale = cfg.degradation.scale
 
     with strategy.scope():
-        model = models.from_config(cfg.model, scale, dtype=policy)
+        model = models.from_config(cfg.model, scale, dtype=policy, replicas=replicas)
         optimizer = make_optimizer(base_lr, policy)
         optimizer.build(model.trainable_variables)
     loss_fn = losses.build_loss(
         cfg.loss, dtype=policy, endpoint_url=cfg.data.endpoint_url, region=cfg.data.region
     )
+    # Built for one replica: the checkpoint's model.keras carries no tf.distribute settings.
     export_model = models.from_config(cfg.model, scale) if ctx.chief else None
 
     state, best_weights = checkpoints.TrainState(lr=base_lr), None

@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _mirrored_check() -> dict:
-    import numpy as np
     import tensorflow as tf
 
     from srtrain import losses, models, train
@@ -82,12 +82,55 @@ def _mirrored_check() -> dict:
         for a, b in zip(single.get_weights(), m3.get_weights(), strict=True)
     )
     # every mirrored variable is identical on both replicas
-    out["replica_weight_spread"] = max(
+    out["replica_weight_spread"] = _replica_spread(strategy, mirrored)
+
+    # the Advanced U-Net (BatchNorm) as the loop builds it for 2 replicas: model.sync_batch_norm
+    # unset means synchronised statistics, so 2 x 4 normalises like 1 x 8
+    adv_cfg = load_config(None, ["model.arch=advanced", "model.filters=8"]).model
+    keras.utils.set_random_seed(keras_seed)
+    adv_single = models.from_config(adv_cfg, 2)
+    adv_init = adv_single.get_weights()
+    opt4 = train.make_optimizer(1e-3, "float32")
+    opt4.build(adv_single.trainable_variables)
+    step4 = train.make_train_step(tf.distribute.get_strategy(), adv_single, opt4, losses.mae, 8)
+    with strategy.scope():
+        adv = models.from_config(adv_cfg, 2, replicas=strategy.num_replicas_in_sync)
+        adv.set_weights(adv_init)
+        opt5 = train.make_optimizer(1e-3, "float32")
+        opt5.build(adv.trainable_variables)
+    step5 = train.make_train_step(strategy, adv, opt5, losses.mae, 8)
+    for _ in range(2):
+        step4((tf.constant(lr), tf.constant(hr)))
+        step5(dist_batch)
+    moving = [i for i, w in enumerate(adv.weights) if "moving" in w.path]
+    out["adv_moving_stats"] = len(moving)
+    out["adv_moving_moved"] = max(
+        float(np.max(np.abs(adv.get_weights()[i] - adv_init[i]))) for i in moving
+    )
+    out["adv_max_diff_vs_single"] = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(adv_single.get_weights(), adv.get_weights(), strict=True)
+    )
+    out["adv_moving_max_diff_vs_single"] = max(
+        float(np.max(np.abs(adv_single.get_weights()[i] - adv.get_weights()[i]))) for i in moving
+    )
+    for _ in range(2):
+        step5(dist_batch)
+    out["adv_replica_spread"] = _replica_spread(strategy, adv)
+    with strategy.scope():  # synchronised BatchNorm adds no weights
+        full = models.from_config(load_config(None, ["model.arch=advanced"]).model, 2, replicas=2)
+    out["adv_params_64_filters"] = full.count_params()
+    return out
+
+
+def _replica_spread(strategy, model) -> float:
+    """The largest difference between the two replicas' copies of any variable (weights, and
+    BatchNorm's moving statistics)."""
+    return max(
         float(np.max(np.abs(parts[0].numpy() - parts[1].numpy())))
-        for v in mirrored.weights
+        for v in model.weights
         for parts in [strategy.experimental_local_results(v.value)]
     )
-    return out
 
 
 def _fp16_overflow_check() -> dict:
@@ -179,6 +222,18 @@ def test_mirrored_replicas_keep_identical_weights(mirrored):
     assert mirrored["replica_weight_spread"] == 0.0
 
 
+def test_advanced_unet_two_replicas_of_4_equal_one_of_8_with_sync_batch_norm(mirrored):
+    assert mirrored["adv_params_64_filters"] == 1_887_107
+    assert mirrored["adv_moving_stats"] > 0 and mirrored["adv_moving_moved"] > 0
+    # weights and moving statistics after 2 steps, as one replica of 8 computes them
+    assert mirrored["adv_max_diff_vs_single"] < 1e-4
+    assert mirrored["adv_moving_max_diff_vs_single"] < 1e-5
+
+
+def test_advanced_unet_replicas_keep_identical_weights_and_moving_statistics(mirrored):
+    assert mirrored["adv_replica_spread"] == 0.0
+
+
 def _run_check(name: str) -> dict:
     p = subprocess.run(
         [sys.executable, __file__, name],
@@ -221,6 +276,8 @@ def test_local_mode_trains_with_mirrored_strategy(tmp_path):
             "--set",
             "model.filters=8",
             "--set",
+            "model.arch=advanced",
+            "--set",
             "train.epochs=1",
             "--set",
             "train.steps_per_epoch=5",
@@ -243,6 +300,13 @@ def test_local_mode_trains_with_mirrored_strategy(tmp_path):
     assert result["replicas"] == 2 and result["global_batch"] == 8
     rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(2 * 5e-4)  # linear lr scaling with 2 replicas
+    # trained with synchronised BatchNorm on 2 replicas, saved for one: plain Keras loads it
+    import keras
+
+    model = keras.saving.load_model(Path(result["checkpoint"], "model.keras"), compile=False)
+    bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert bns and not any(la.synchronized for la in bns)
+    assert model(np.zeros((1, 16, 16, 3), "float32")).shape == (1, 32, 32, 3)
 
 
 def _mwms_worker(config: dict) -> None:
@@ -258,8 +322,8 @@ def _mwms_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     strategy = train.pick_strategy()
     rank = ray.train.get_context().get_world_rank()
-    with strategy.scope():
-        model = models.build_unet(filters=8)
+    with strategy.scope():  # Advanced: BatchNorm, synchronised over the 2 workers' replicas
+        model = models.from_config(cfg.model, 2, replicas=strategy.num_replicas_in_sync)
         opt = train.make_optimizer(1e-3, "float32")
         opt.build(model.trainable_variables)
     global_batch = cfg.data.batch_size * strategy.num_replicas_in_sync
@@ -301,7 +365,9 @@ def test_multi_worker_mirrored_over_two_ray_workers(tmp_path):
     assert r0["mwms"] and r1["mwms"]
     assert r0["replicas"] == r1["replicas"] == 2
     assert r0["data"] != r1["data"]  # each worker reads its own shard of the data
-    assert r0["weights"] == r1["weights"]  # all-reduced gradients keep replicas identical
+    # all-reduced gradients and synchronised BatchNorm keep weights and moving statistics
+    # identical on both workers
+    assert r0["weights"] == r1["weights"]
     assert r0["losses"] == pytest.approx(r1["losses"])  # the reduced global loss
 
 
@@ -312,7 +378,9 @@ def _run_mwms(out: str) -> None:
 
     from srtrain.config import load_config, to_dict
 
-    cfg = load_config(None, ["data.patch_size=32", "data.batch_size=2"])
+    cfg = load_config(
+        None, ["data.patch_size=32", "data.batch_size=2", "model.arch=advanced", "model.filters=8"]
+    )
     ray.init(num_cpus=2, configure_logging=False)
     try:
         TensorflowTrainer(
