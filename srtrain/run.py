@@ -30,6 +30,10 @@ from srtrain.config import Config, ConfigError, load_config, to_dict, to_yaml
 PROG = "srtrain.run"
 
 
+class RunFailed(RuntimeError):
+    """Training ended without a result for a reason the user can act on (one line)."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="job YAML (default: the embedded samples job)")
@@ -139,7 +143,10 @@ def run_local(cfg: Config, run_dir: str, resume: bool) -> dict:
             ckpts.persist(ckpt_dir, checkpoints.load_state(ckpt_dir), metrics)
 
     ctx = train.Context(run_dir=run_dir, restore_from=restore, report=report)
-    result = train.train_loop(cfg, ctx)
+    try:
+        result = train.train_loop(cfg, ctx)
+    except train.TrainingDiverged as e:
+        raise RunFailed(str(e)) from None
     result["checkpoint"] = ckpts.best() or ckpts.latest()
     result["latest_checkpoint"] = ckpts.latest()
     return result
@@ -187,7 +194,13 @@ def _ray_worker(config: dict) -> None:
         report=report,
         log_fn=log_line,
     )
-    result = train.train_loop(cfg, ctx)
+    try:
+        result = train.train_loop(cfg, ctx)
+    except train.TrainingDiverged as e:
+        # Every worker sees the same reduced loss and stops at the same step. Returning (not
+        # raising) keeps Ray from retrying a run that would diverge again, and keeps worker
+        # tracebacks off the console: the driver finds the message in result.json.
+        result = {"error": str(e)}
     if ctx.chief:
         write_result(cfg, config["run_dir"], result)  # the driver adds the checkpoint path
 
@@ -246,6 +259,8 @@ def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
         raise result.error
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
     out = json.loads(storage.read_bytes(storage.join(run_dir, "result.json"), **kw))
+    if out.get("error"):
+        raise RunFailed(out["error"])
     best = result.best_checkpoints or []
     scored = [(m.get("val_psnr"), c) for c, m in best if m.get("val_psnr") is not None]
     if scored:
@@ -323,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with --resume --name {name}", file=sys.stderr)
         return 130
+    except RunFailed as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     except (storage.StorageError, ConfigError, _vgg_error()) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -337,15 +355,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result["wall_seconds"] = round(time.time() - t0, 1)
     write_result(cfg, run_dir, result)
-    gain = (result["val_psnr"] or 0) - (result["bicubic_psnr"] or 0)
-    print(
+    print(summary_line(result), flush=True)
+    return 0
+
+
+def summary_line(result: dict) -> str:
+    tail = (
+        f"{result['steps']} steps in {result['wall_seconds']:.0f} s; "
+        f"checkpoint {result.get('checkpoint')}"
+    )
+    if result.get("val_psnr") is None:  # no epoch had a finite validation PSNR
+        return f"done: no epoch gave a finite validation PSNR; {tail}"
+    gain = result["val_psnr"] - (result["bicubic_psnr"] or 0)
+    return (
         f"done: val_psnr {result['val_psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB "
         f"({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs {result['bicubic_ssim']:.3f}; "
-        f"{result['steps']} steps in {result['wall_seconds']:.0f} s; "
-        f"checkpoint {result['checkpoint']}",
-        flush=True,
+        f"{tail}"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -226,6 +226,45 @@ def distributed_train_dataset(strategy, cfg: Config, global_batch: int, start_st
 
 # --- the loop -----------------------------------------------------------------------------------
 
+# Steps between looks at the loss: each look is a device-to-host copy that drains the pipeline.
+# A diverged run is also caught at every checkpoint and epoch end, so it stops within an epoch.
+CHECK_LOSS_EVERY = 20
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became inf/NaN; the message is the one line a user sees."""
+
+
+class LossMeter:
+    """Sums the per-step losses on the device; `mean()` is the one host read, at log points.
+
+    Every worker computes the same globally reduced loss, so every worker stops at the same step
+    when it becomes non-finite (Ray's report is a barrier: they must stop together).
+    """
+
+    def __init__(self):
+        self.total, self.n, self.recent = tf.constant(0.0), 0, []
+
+    def add(self, loss: tf.Tensor, step: int) -> None:
+        self.total += tf.cast(loss, tf.float32)  # queued on the device, nothing waits for it
+        self.n += 1
+        self.recent.append((step, loss))
+
+    def mean(self) -> float:
+        return float(self.total) / max(self.n, 1)
+
+    def check(self, lr: float) -> None:
+        """Raises TrainingDiverged naming the first step whose loss is not finite."""
+        if math.isfinite(self.mean()):
+            self.recent.clear()
+            return
+        bad = [(s, float(v)) for s, v in self.recent if not math.isfinite(float(v))]
+        step, loss = bad[0] if bad else (self.recent[-1][0], float(self.total))
+        raise TrainingDiverged(
+            f"training diverged: the loss is {loss} at step {step}; "
+            f"lower train.lr (it is {lr:g}) and start again"
+        )
+
 
 def _fail_injection(cfg: Config, ctx: Context, step: int) -> None:
     """debug.fail_at_step: kill one worker process once per run (tests of fault tolerance)."""
@@ -295,18 +334,20 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
 
     while state.epoch < cfg.train.epochs and not stopped_early:
         epoch = state.epoch + 1
-        t0, wait, loss_sum, n = time.perf_counter(), 0.0, 0.0, 0
+        t0, wait, meter = time.perf_counter(), 0.0, LossMeter()
         while state.step < epoch * steps_per_epoch:
             t_in = time.perf_counter()
             batch = next(train_iter)
             wait += time.perf_counter() - t_in
-            loss_sum += float(train_step(batch))
-            n += 1
             state.step += 1
+            meter.add(train_step(batch), state.step)
+            if state.step % CHECK_LOSS_EVERY == 0:
+                _check_loss(meter, state, tb)
             if cfg.debug.fail_at_step:
                 _fail_injection(cfg, ctx, state.step)
             every = cfg.train.checkpoint_every_steps
             if every and state.step % every == 0 and state.step < epoch * steps_per_epoch:
+                _check_loss(meter, state, tb)  # never checkpoint a diverged model
                 _checkpoint(
                     cfg,
                     ctx,
@@ -315,14 +356,15 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
                     optimizer,
                     state,
                     best_weights,
-                    {"step": state.step, "epoch": state.epoch, "train_loss": loss_sum / n},
+                    {"step": state.step, "epoch": state.epoch, "train_loss": meter.mean()},
                 )
+        _check_loss(meter, state, tb)
         seconds = time.perf_counter() - t0
-        images_per_sec = n * global_batch / max(seconds, 1e-9)
+        images_per_sec = meter.n * global_batch / max(seconds, 1e-9)
         row = {
             "epoch": epoch,
             "step": state.step,
-            "train_loss": loss_sum / max(n, 1),
+            "train_loss": meter.mean(),
             "lr": float(state.lr),
             "images_per_sec": images_per_sec,
             "input_wait": wait / max(seconds, 1e-9),
@@ -380,6 +422,15 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         tb.close()
         _write_samples(cfg, ctx, model, val_ds)
     return result
+
+
+def _check_loss(meter: LossMeter, state, tb) -> None:
+    try:
+        meter.check(state.lr)
+    except TrainingDiverged:
+        if tb is not None:
+            tb.close()
+        raise
 
 
 def _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights, row) -> None:
