@@ -5,6 +5,10 @@ a local Ray runtime with one Ray Train worker. `--local` runs the same loop in t
 Ray. Under `ray job submit` (RAY_ADDRESS set) it joins that cluster. Everything a run leaves
 (config.yaml, command.txt, metrics.jsonl, result.json, samples.png, checkpoints) goes to
 `<run.storage>/<run.name>/`, a local directory or s3://bucket/prefix.
+
+A run name means one run: an existing one is an error unless `--resume` continues it (from its
+newest checkpoint, in the mode that trained it). A resumed run keeps its config.yaml; command.txt
+gains one line per command that ran it.
 """
 
 from __future__ import annotations
@@ -55,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run storage: a local directory or s3://bucket/prefix "
         "(sets run.storage; default ./runs)",
     )
-    p.add_argument("--name", help="run name (sets run.name; default <job>-<UTC time>)")
+    p.add_argument(
+        "--name",
+        help="run name (sets run.name; default <job>-<UTC time>); must be new unless --resume",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -109,11 +116,44 @@ def run_name(cfg: Config, args: argparse.Namespace) -> str:
     return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_run_files(cfg: Config, run_dir: str, argv: list[str]) -> None:
+def write_run_files(cfg: Config, run_dir: str, argv: list[str], resuming: bool = False) -> None:
+    """config.yaml and command.txt. A resumed run keeps the config.yaml it started with (each
+    checkpoint holds the config that wrote it) and adds its command line to command.txt."""
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
-    storage.write_bytes(storage.join(run_dir, "config.yaml"), to_yaml(cfg).encode(), **kw)
     command = shlex.join([sys.executable, "-m", PROG, *argv]) + "\n"
-    storage.write_bytes(storage.join(run_dir, "command.txt"), command.encode(), **kw)
+    commands_uri = storage.join(run_dir, "command.txt")
+    if resuming:
+        before = (
+            storage.read_bytes(commands_uri, **kw) if storage.exists(commands_uri, **kw) else b""
+        )
+        storage.write_bytes(commands_uri, before + command.encode(), **kw)
+        return
+    storage.write_bytes(storage.join(run_dir, "config.yaml"), to_yaml(cfg).encode(), **kw)
+    storage.write_bytes(commands_uri, command.encode(), **kw)
+
+
+def check_run_name(cfg: Config, name: str, run_dir: str, resume: bool, local: bool) -> bool:
+    """The one meaning of a run name: without --resume it must be new; with --resume the run
+    continues from its newest checkpoint, in the mode that wrote it, or starts if it does not
+    exist yet (a Kubernetes retry). Returns whether there is a run to continue."""
+    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
+    if not storage.exists(run_dir, **kw):
+        if resume:
+            print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it", flush=True)
+        return False
+    if not resume:
+        raise ConfigError(
+            f"run {name!r} already exists in {cfg.run.storage}: --resume continues it, "
+            "or choose another --name"
+        )
+    # --local keeps checkpoints/index.json, Ray its own checkpoint_manager_snapshot.json
+    by_ray = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"), **kw)
+    by_local = storage.exists(storage.join(run_dir, "checkpoints", "index.json"), **kw)
+    if local and by_ray and not by_local:
+        raise ConfigError(f"run {name!r} was trained by Ray: resume it without --local")
+    if not local and by_local and not by_ray:
+        raise ConfigError(f"run {name!r} was trained with --local: resume it with --local")
+    return True
 
 
 def write_result(cfg: Config, run_dir: str, result: dict) -> None:
@@ -310,17 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
         name = run_name(cfg, args)
         run_dir = storage.join(cfg.run.storage, name)
-        resuming = args.resume and storage.exists(
-            storage.join(run_dir, "config.yaml"), cfg.data.endpoint_url, cfg.data.region
-        )
-        if args.resume and not resuming:
-            # A Kubernetes retry or a first start with --resume: nothing to continue yet.
-            print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it", flush=True)
+        resuming = check_run_name(cfg, name, run_dir, args.resume, args.local)
         if cfg.loss.kind == "composite":  # fail before any work when VGG weights are missing
             from srtrain import losses
 
             losses.fetch_weights(cfg.loss.vgg_weights, cfg.data.endpoint_url, cfg.data.region)
-        write_run_files(cfg, run_dir, argv)
+        write_run_files(cfg, run_dir, argv, resuming)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -76,12 +76,28 @@ def test_local_mode_trains_and_leaves_a_complete_run(tmp_path, arch):
     assert model(x).shape == (1, 32, 32, 3)
 
 
+def check_name_taken(p, run: str) -> None:
+    """The second start of a run name without --resume: exit 2, one line naming the run."""
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("srtrain.run:")]
+    assert len(errors) == 1 and f"run '{run}' already exists" in errors[0], p.stderr[-2000:]
+    assert "--resume continues it" in errors[0] and "Traceback" not in p.stderr
+
+
 @pytest.mark.slow
 def test_local_resume_continues_from_the_last_checkpoint(tmp_path):
     p = run_cli(
         "--local", *TINY, "--set", "train.epochs=1", "--output", str(tmp_path), "--name", "r"
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    config = (tmp_path / "r" / "config.yaml").read_bytes()
+    index = (tmp_path / "r" / "checkpoints" / "index.json").read_bytes()
+    # the same name again without --resume: refused, nothing of the run touched
+    p = run_cli(
+        "--local", *TINY, "--set", "train.epochs=2", "--output", str(tmp_path), "--name", "r"
+    )
+    check_name_taken(p, "r")
+    assert (tmp_path / "r" / "checkpoints" / "index.json").read_bytes() == index
     p = run_cli(
         "--local",
         *TINY,
@@ -99,6 +115,10 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path):
     assert result["steps"] == 40 and result["epochs"] == 2
     rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    # the run keeps the config it started with; command.txt lists both commands that ran it
+    assert (tmp_path / "r" / "config.yaml").read_bytes() == config
+    commands = (tmp_path / "r" / "command.txt").read_text().splitlines()
+    assert len(commands) == 2 and commands[1].endswith("--resume")
 
 
 # Tiny enough to fail fast: the Ray-mode tests pay Ray's start-up for each command.
@@ -107,6 +127,22 @@ SMALL = [
     "--set", "model.filters=8", "--set", "train.precision=fp32", "--set", "train.sample_images=0",
     "--set", "train.steps_per_epoch=3",
 ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_run_name_is_new_unless_resumed(tmp_path):
+    args = [*SMALL, "--output", str(tmp_path), "--name", "r"]
+    p = run_cli(*args, "--set", "train.epochs=1")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    config = (tmp_path / "r" / "config.yaml").read_bytes()
+    check_name_taken(run_cli(*args, "--set", "train.epochs=2"), "r")
+    p = run_cli(*args, "--set", "train.epochs=2", "--resume")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "at epoch 1, step 3" in p.stdout + p.stderr  # continued from the checkpoint
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["steps"] == 6 and result["epochs"] == 2
+    assert (tmp_path / "r" / "config.yaml").read_bytes() == config
 
 
 @pytest.mark.slow
