@@ -243,15 +243,18 @@ class LossMeter:
     """
 
     def __init__(self):
-        self.total, self.n, self.recent = tf.constant(0.0), 0, []
+        self.total, self.n, self.recent = None, 0, []
 
     def add(self, loss: tf.Tensor, step: int) -> None:
-        self.total += tf.cast(loss, tf.float32)  # queued on the device, nothing waits for it
+        # Starts from the first loss, not a host constant: the sum stays on the loss's device
+        # (a GPU), where adding is queued and nothing waits for it.
+        loss = tf.cast(loss, tf.float32)
+        self.total = loss if self.total is None else self.total + loss
         self.n += 1
         self.recent.append((step, loss))
 
     def mean(self) -> float:
-        return float(self.total) / max(self.n, 1)
+        return float(self.total) / self.n if self.n else 0.0
 
     def check(self, lr: float) -> None:
         """Raises TrainingDiverged naming the first step whose loss is not finite."""
