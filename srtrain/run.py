@@ -121,15 +121,16 @@ def write_run_files(cfg: Config, run_dir: str, argv: list[str], resuming: bool =
     checkpoint holds the config that wrote it) and adds its command line to command.txt."""
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
     command = shlex.join([sys.executable, "-m", PROG, *argv]) + "\n"
-    commands_uri = storage.join(run_dir, "command.txt")
-    if resuming:
-        before = (
-            storage.read_bytes(commands_uri, **kw) if storage.exists(commands_uri, **kw) else b""
-        )
-        storage.write_bytes(commands_uri, before + command.encode(), **kw)
-        return
-    storage.write_bytes(storage.join(run_dir, "config.yaml"), to_yaml(cfg).encode(), **kw)
-    storage.write_bytes(commands_uri, command.encode(), **kw)
+    config_uri, commands_uri = (
+        storage.join(run_dir, "config.yaml"),
+        storage.join(run_dir, "command.txt"),
+    )
+    if not (resuming and storage.exists(config_uri, **kw)):
+        storage.write_bytes(config_uri, to_yaml(cfg).encode(), **kw)
+    before = b""
+    if resuming and storage.exists(commands_uri, **kw):
+        before = storage.read_bytes(commands_uri, **kw)
+    storage.write_bytes(commands_uri, before + command.encode(), **kw)
 
 
 def check_run_name(cfg: Config, name: str, run_dir: str, resume: bool, local: bool) -> bool:
