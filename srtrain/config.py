@@ -105,6 +105,10 @@ class ModelConfig:
     conv_transpose: bool | None = None
     batch_norm: bool | None = None
     residual: bool | None = None
+    # BatchNorm statistics over all replicas (one batch of N x data.batch_size, and moving
+    # statistics identical on every replica). Unset or true: on whenever training runs on
+    # several replicas; false: each replica normalises by its own batch.
+    sync_batch_norm: bool | None = None
 
 
 @dataclass(frozen=True)

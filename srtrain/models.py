@@ -41,6 +41,7 @@ def _conv(
     transpose: bool = False,
     leaky_relu: bool,
     batch_norm: bool,
+    sync_batch_norm: bool = False,
     activate: bool = True,
     dtype=None,
 ):
@@ -49,7 +50,9 @@ def _conv(
         filters, 3, strides=strides, padding="same", use_bias=not batch_norm, name=name, dtype=dtype
     )(x)
     if batch_norm:
-        x = layers.BatchNormalization(name=f"{name}_bn", dtype=dtype)(x)
+        x = layers.BatchNormalization(name=f"{name}_bn", synchronized=sync_batch_norm, dtype=dtype)(
+            x
+        )
     return _act(x, leaky_relu, f"{name}_act") if activate else x
 
 
@@ -62,13 +65,22 @@ def build_unet(
     conv_transpose: bool = False,
     batch_norm: bool = False,
     residual: bool = False,
+    sync_batch_norm: bool = False,
     dtype: str | None = None,
     name: str = "unet",
 ) -> keras.Model:
     """The U-Net; `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); the last layer
-    always computes in float32 so outputs and losses stay in full precision."""
+    always computes in float32 so outputs and losses stay in full precision.
+
+    `sync_batch_norm` computes BatchNorm's batch statistics over all replicas of a
+    tf.distribute strategy (TensorFlow backend), so training with N replicas x batch b
+    normalises like one replica x N*b, and the moving statistics, updated from the same numbers
+    on every replica, stay identical. It adds no weights: a model built without it loads them.
+    """
     f1, f2, f3 = filters, 2 * filters, 4 * filters
-    kw = dict(leaky_relu=leaky_relu, batch_norm=batch_norm, dtype=dtype)
+    kw = dict(
+        leaky_relu=leaky_relu, batch_norm=batch_norm, sync_batch_norm=sync_batch_norm, dtype=dtype
+    )
     inp = keras.Input((None, None, 3), name="lr")
 
     e1 = _conv(inp, f1, "enc1_conv1", **kw)
@@ -113,8 +125,12 @@ def build_unet(
     return keras.Model(inp, out, name=name)
 
 
-def from_config(cfg: ModelConfig, scale: int, dtype: str | None = None) -> keras.Model:
-    """The U-Net a (resolved) ModelConfig describes."""
+def from_config(
+    cfg: ModelConfig, scale: int, dtype: str | None = None, replicas: int = 1
+) -> keras.Model:
+    """The U-Net a (resolved) ModelConfig describes, for training on `replicas` replicas:
+    synchronised BatchNorm when there are several, unless model.sync_batch_norm is false."""
+    sync = cfg.sync_batch_norm is not False and replicas > 1
     return build_unet(
         filters=cfg.filters,
         scale=scale,
@@ -123,6 +139,7 @@ def from_config(cfg: ModelConfig, scale: int, dtype: str | None = None) -> keras
         conv_transpose=bool(cfg.conv_transpose),
         batch_norm=bool(cfg.batch_norm),
         residual=bool(cfg.residual),
+        sync_batch_norm=bool(sync),
         dtype=dtype,
         name=f"unet_{cfg.arch}",
     )

@@ -299,6 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         search_dir = storage.join(cfg.run.storage, name)
         if not storage.is_s3(search_dir):
             search_dir = str(Path(search_dir).resolve())
+        # A name means one search, as for srtrain.run: new unless --resume, which starts it
+        # when it does not exist yet (a Kubernetes retry).
+        exists = storage.exists(search_dir, cfg.data.endpoint_url, cfg.data.region)
+        if exists and not args.resume:
+            raise ConfigError(
+                f"search {name!r} already exists in {cfg.run.storage}: --resume continues it, "
+                "or choose another --name"
+            )
+        if args.resume and not exists:
+            print(f"--resume: no search {name!r} under {cfg.run.storage} yet; starting it")
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -319,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         concurrent = concurrent_trials(need, capacity, settings.max_concurrent_trials)
         tuner = build_tuner(
-            cfg, settings, search_dir, name=name, concurrent=concurrent, resume=args.resume
+            cfg,
+            settings,
+            search_dir,
+            name=name,
+            concurrent=concurrent,
+            resume=args.resume and exists,
         )
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
