@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     resuming = args.resume and storage.exists(
         storage.join(search_dir, "tuner.pkl"), cfg.data.endpoint_url, cfg.data.region
     )
-    if args.resume and not resuming:
-        # A Kubernetes retry's first attempt, or --resume before anything was saved: start it.
-        print(f"--resume: no search {name!r} under {cfg.run.storage} yet; starting it", flush=True)
+    if exists and args.resume and not resuming:
+        # Stopped before Tune saved its state (a Kubernetes retry of an early failure).
+        print(f"--resume: search {name!r} holds no Tune state yet; starting it", flush=True)
 
     start_ray()
     need = trial_resources(cfg)
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             search_dir,
             name=name,
             concurrent=concurrent,
-            resume=args.resume and exists,
+            resume=resuming,
         )
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
