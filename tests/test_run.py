@@ -166,7 +166,13 @@ def test_a_diverging_run_stops_within_an_epoch_with_one_line(tmp_path, mode):
     errors = [line for line in p.stderr.splitlines() if line.startswith("srtrain.run:")]
     assert len(errors) == 1, p.stderr[-3000:]
     assert "training diverged" in errors[0] and "lower train.lr (it is 1e+06)" in errors[0]
-    assert "Traceback" not in p.stdout + p.stderr
+    # Ray's own placement-group cleaner (a detached actor) can print a traceback of its
+    # state-API poll while the local runtime shuts down on a loaded machine; that is Ray's, not
+    # ours: every other line must be traceback-free.
+    ours = [
+        line for line in (p.stdout + p.stderr).splitlines() if "PlacementGroupCleaner" not in line
+    ]
+    assert not any("Traceback" in line for line in ours), "\n".join(ours)[-3000:]
     assert "epoch 1/3" not in p.stdout + p.stderr  # stopped inside the first epoch
     bad_step = int(errors[0].split(" at step ")[1].split(";")[0])
     assert 1 < bad_step <= 3
