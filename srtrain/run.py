@@ -337,15 +337,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result["wall_seconds"] = round(time.time() - t0, 1)
     write_result(cfg, run_dir, result)
-    gain = (result["val_psnr"] or 0) - (result["bicubic_psnr"] or 0)
-    print(
-        f"done: val_psnr {result['val_psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB "
-        f"({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs {result['bicubic_ssim']:.3f}; "
-        f"{result['steps']} steps in {result['wall_seconds']:.0f} s; "
-        f"checkpoint {result['checkpoint']}",
-        flush=True,
-    )
+    print(final_line(result), flush=True)
     return 0
+
+
+def final_line(result: dict) -> str:
+    """The run's last line: the test split first (no training decision read it), then val."""
+    gain = (result["val_psnr"] or 0) - (result["bicubic_psnr"] or 0)
+    if result.get("test_psnr") is not None:
+        test_gain = result["test_psnr"] - result["test_bicubic_psnr"]
+        test = (
+            f"test_psnr {result['test_psnr']:.2f} dB vs bicubic "
+            f"{result['test_bicubic_psnr']:.2f} dB ({test_gain:+.2f} dB), test_ssim "
+            f"{result['test_ssim']:.3f} vs {result['test_bicubic_ssim']:.3f} "
+            f"({result['test_images']} images of split {result['test_split']!r}, "
+            f"{result['test_protocol']}, best-on-val weights); "
+        )
+    else:
+        test = f"no test split {result.get('test_split')!r} in this data; "
+    return (
+        f"done: {test}val_psnr {result['val_psnr']:.2f} dB vs bicubic "
+        f"{result['bicubic_psnr']:.2f} dB ({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs "
+        f"{result['bicubic_ssim']:.3f}; {result['steps']} steps in {result['wall_seconds']:.0f} s; "
+        f"checkpoint {result['checkpoint']}"
+    )
 
 
 if __name__ == "__main__":
