@@ -40,6 +40,13 @@ def test_overrides_are_parsed_to_the_field_type():
     assert cfg.loss.perceptual_layers == {"block2_conv2": 2.0}
 
 
+def test_quality_options_default_to_the_original_recipe():
+    cfg = from_dict({})
+    t = cfg.train
+    assert (t.schedule, t.warmup_steps, t.ema_decay, t.grad_clip_norm) == ("plateau", 0, 0.0, 0.0)
+    assert cfg.model.bn_momentum == 0.99 and cfg.data.test_split == "test"
+
+
 def test_job_files_load(tmp_path):
     job = tmp_path / "j.yaml"
     job.write_text("# comment\ntrain:\n  epochs: 2\nmodel:\n  arch: advanced\n")
@@ -67,6 +74,12 @@ def test_job_files_load(tmp_path):
         ({"loss": {"perceptual_layers": {"block9_conv1": 1.0}}}, "loss.perceptual_layers.block9"),
         ({"run": {"name": "a/b"}}, "run.name"),
         ({"train": "fast"}, "train"),
+        ({"train": {"schedule": "step"}}, "train.schedule"),
+        ({"train": {"warmup_steps": 2000}}, "train.warmup_steps"),  # >= the planned 2000 steps
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
+        ({"train": {"grad_clip_norm": -1.0}}, "train.grad_clip_norm"),
+        ({"model": {"bn_momentum": 1.0}}, "model.bn_momentum"),
+        ({"data": {"test_split": ""}}, "data.test_split"),
     ],
 )
 def test_bad_values_name_the_key_path(data, key):
