@@ -1,8 +1,12 @@
 """The typed config: YAML + --set overrides parsed to field types, errors naming the key path."""
 
+from pathlib import Path
+
 import pytest
 
 from srtrain.config import ConfigError, apply_overrides, from_dict, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_samples_job_and_resolve_arch_flags():
@@ -103,3 +107,19 @@ def test_override_syntax():
     with pytest.raises(ConfigError, match=r"dotted\.key=value"):
         parse_override("novalue")
     assert apply_overrides({"a": {"x": 1}}, ["a.y=2"]) == {"a": {"x": 1, "y": 2}}
+
+
+@pytest.mark.parametrize("arch", ["base", "advanced"])
+def test_quality_jobs_state_their_whole_recipe_on_the_first_line(arch):
+    job = REPO / "jobs" / f"quality-{arch}.yaml"
+    first = job.read_text().splitlines()[0]
+    assert first.startswith(
+        '# python -m srtrain.data build "../shared/datasets/[bt]*/*.png" DIR --split '
+    )
+    assert first.endswith(
+        f" && python -m srtrain.run --config jobs/quality-{arch}.yaml --set data.source=DIR"
+    )
+    assert "test=" in first  # the build makes a test split
+    cfg = load_config(job, ["data.source=DIR"])
+    assert (cfg.model.arch, cfg.model.filters, cfg.loss.kind) == (arch, 64, "mae")
+    assert cfg.train.schedule == "cosine" and cfg.train.ema_decay > 0
