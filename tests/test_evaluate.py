@@ -124,7 +124,8 @@ def test_sources_parse():
         "shards", "s3://b/iaprtc12", "test"
     )
     assert evaluate.parse_source("s3://b/iaprtc12").split == "test"
-    assert evaluate.parse_source("samples").split == "val"
+    assert evaluate.parse_source("samples").split == "test"  # held out, as shards' default
+    assert evaluate.parse_source("samples:val").split == "val"
 
 
 @pytest.mark.skipif(not (DATASETS / "set14").is_dir(), reason="../shared/datasets is absent")
