@@ -217,6 +217,25 @@ def test_seeded_search_algorithms_sample_valid_trial_configs(algorithm):
 # --- one real search, interrupted and resumed -------------------------------------------------
 
 
+def test_the_recipe_options_are_searchable():
+    overrides = [
+        "search.space.train.schedule={choice: [plateau, cosine]}",
+        "search.space.train.ema_decay={choice: [0.0, 0.99]}",
+        "search.space.train.grad_clip_norm={choice: [0.0, 1.0]}",
+        "search.space.model.bn_momentum={uniform: [0.8, 0.99]}",
+    ]
+    cfg, settings = load_search_job(None, overrides)
+    params = {
+        "train.schedule": "cosine",
+        "train.ema_decay": 0.99,
+        "train.grad_clip_norm": 1.0,
+        "model.bn_momentum": 0.9,
+    }
+    trial = space.trial_config(cfg, params, settings)
+    assert (trial.train.schedule, trial.train.ema_decay) == ("cosine", 0.99)
+    assert (trial.train.grad_clip_norm, trial.model.bn_momentum) == (1.0, 0.9)
+
+
 def test_trials_rank_by_their_last_epoch_not_their_best():
     from tune.report import TrialRow, ranked
 
