@@ -382,7 +382,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         if ctx.chief:
             ctx.log_fn(_progress_line(row, cfg.train.epochs))
             metrics_log.append(row)
-            tb.epoch(row, model)
+            tb.epoch(row, eval_model)
         _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights, row, eval_model)
 
     if best_weights is not None:
