@@ -236,6 +236,25 @@ def test_the_recipe_options_are_searchable():
     assert (trial.train.grad_clip_norm, trial.model.bn_momentum) == (1.0, 0.9)
 
 
+def test_a_trial_whose_tune_results_were_lost_keeps_its_checkpoints(tmp_path):
+    from tune.report import _fill_checkpoints
+
+    cfg, _ = load_search_job(None)
+    (tmp_path / "checkpoint_b").mkdir()
+    (tmp_path / "checkpoint_b" / "model.keras").write_bytes(b"x")
+    snapshot = {
+        "checkpoint_results": [
+            {"checkpoint_dir_name": "checkpoint_a", "metrics": {"epoch": 1}},  # deleted since
+            {"checkpoint_dir_name": "checkpoint_b", "metrics": {"epoch": 2}},
+        ]
+    }
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    history = {1: {"epoch": 1, "checkpoint_path": float("nan")}, 2: {"epoch": 2}}
+    _fill_checkpoints(history, str(tmp_path), cfg)
+    assert history[2]["checkpoint_path"] == str(tmp_path / "checkpoint_b")
+    assert not isinstance(history[1]["checkpoint_path"], str)
+
+
 def test_trials_rank_by_their_last_epoch_not_their_best():
     from tune.report import TrialRow, ranked
 

@@ -51,7 +51,7 @@ class TrialRow:
         trial trained after Tune stopped listening have no checkpoint in Tune's records (and ASHA
         never ranked them): the row is chosen among the epochs Tune saw."""
         rows = [r for r in self.history if _finite(r.get(metric))]
-        rows = [r for r in rows if r.get("checkpoint_path")] or rows
+        rows = [r for r in rows if isinstance(r.get("checkpoint_path"), str)] or rows
         return rows[-1] if rows else None
 
     def stopped_by(self, max_epochs: int) -> str:
@@ -89,6 +89,7 @@ def collect(search_dir: str, settings: SearchSettings, cfg: Config) -> list[Tria
             for rec in frame.to_dict("records"):
                 if _finite(rec.get("epoch")):  # a resumed trial repeats epochs: keep the last
                     history[int(rec["epoch"])] = {**history.get(int(rec["epoch"]), {}), **rec}
+        _fill_checkpoints(history, storage.join(search_dir, "runs", trial.trial_id), cfg)
         error = ""
         if trial.status == "ERROR":
             try:
@@ -102,6 +103,30 @@ def collect(search_dir: str, settings: SearchSettings, cfg: Config) -> list[Tria
             )
         )
     return rows
+
+
+def _fill_checkpoints(history: dict[int, dict], run_dir: str, cfg: Config) -> None:
+    """Epochs without a checkpoint path in Tune's records (a trial whose Tune results were lost
+    to an interrupt) get the path from the Train run's own checkpoint list, where it still is."""
+    if all(isinstance(r.get("checkpoint_path"), str) for r in history.values()):
+        return
+    uri = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
+    if not storage.exists(uri, **kw):
+        return
+    try:
+        snapshot = json.loads(storage.read_bytes(uri, **kw))
+    except ValueError:
+        return
+    for item in snapshot.get("checkpoint_results", []):
+        epoch, name = (item.get("metrics") or {}).get("epoch"), item.get("checkpoint_dir_name")
+        if not (_finite(epoch) and name and int(epoch) in history):
+            continue
+        row = history[int(epoch)]
+        if not isinstance(row.get("checkpoint_path"), str):
+            path = storage.join(run_dir, name)
+            if storage.exists(storage.join(path, "model.keras"), **kw):
+                row["checkpoint_path"] = path.removeprefix("s3://")
 
 
 def _run_metrics(run_dir: str, cfg: Config) -> dict[int, dict]:
