@@ -34,8 +34,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    # "samples" (photos bundled with scikit-image / scikit-learn), a shard dataset built by
-    # `python -m srtrain.data build` (local directory or s3://bucket/prefix), or an image folder.
+    # "samples" (photos bundled with scikit-image / scikit-learn), or a shard dataset built by
+    # `python -m srtrain.data build` (local directory or s3://bucket/prefix). Training reads
+    # shards only: build an image folder into shards first (the builder takes folders and
+    # archives).
     source: str = "samples"
     train_split: str = "train"
     val_split: str = "val"
@@ -60,7 +62,17 @@ class DataConfig:
     # Keep each training shard on local disk after its first read (shard sources only): epochs
     # after the first read no object storage. SRTRAIN_CACHE_DIR sets where (default: the temp dir).
     cache: bool = False
-    # S3-compatible endpoint; empty means the AWS_ENDPOINT_URL environment variable or AWS itself.
+    # Decode each worker's share of the training images once into memory (uint8) and cut every
+    # patch from there: a uniformly random image, window and flip/rotation per patch, a copy's
+    # worth of CPU (shard sources; ignored for samples, which are always kept decoded). Needs
+    # height x width x 3 bytes per image (IAPR TC-12: 10.4 GB in all, 1.3 GB per worker at 8
+    # workers), checked before filling against the worker's free memory (cgroup limit or
+    # MemAvailable, less 10% and 0.5 GB). false: off. true: on when it fits, else window
+    # decoding with a warning. A number: on, with at most that many GB; a run whose share does
+    # not fit fails at the start with one line giving both figures. data.patches_per_image does
+    # not apply with the cache.
+    decoded_cache: bool | float = False
+    # S3-compatible endpoint; empty: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS itself.
     endpoint_url: str = ""
     region: str = ""
 
@@ -74,6 +86,17 @@ class DegradationConfig:
     noise_sigma: float = 10.0
     # Seed of the validation/test degradation: the same image always gives the same LR.
     eval_seed: int = 1234
+    # Where training pairs are degraded. "input": in tf.data, on the CPU. "replica": tf.data
+    # delivers uint8 HR patches and per-sample seeds and each replica degrades its batch inside
+    # its compiled train step, on its device (same function, same seeds, same LR): the GPU
+    # default (jobs/iaprtc12-*.yaml), since a CPU core feeds a GPU far fewer pairs than it
+    # trains on (bench/README.md). Validation and test LR are made in tf.data either way. Under
+    # train.jit the noise comes from XLA's own random stream (same distribution, other values).
+    # CPU-only runs keep "input": there it makes no measurable difference (srtrain.run --local,
+    # Base U-Net at 16 filters, HR 96, batch 8, fp32, 3 runs each way alternated, AMD EPYC at
+    # load 7-20 on 2 cores: median 41 img/s input vs 42 replica, 20.0 vs 19.6 CPU-s per run),
+    # and in tf.data the degradation overlaps the step instead of lengthening it.
+    on: Literal["input", "replica"] = "input"
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,10 @@ class ModelConfig:
     # only). 0.99, Keras' default, is the original recipe's; at a few thousand steps its moving
     # statistics lag the weights and validation PSNR swings between epochs: 0.9 follows them.
     bn_momentum: float = 0.99
+    # BatchNorm statistics over all replicas (one batch of N x data.batch_size, and moving
+    # statistics identical on every replica). Unset or true: on whenever training runs on
+    # several replicas; false: each replica normalises by its own batch.
+    sync_batch_norm: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +166,8 @@ class TrainConfig:
     jit: bool = False
     # Also checkpoint every N steps inside an epoch (0: only at epoch ends).
     checkpoint_every_steps: int = 0
-    # Recent checkpoints kept besides the best one.
+    # Checkpoints kept: --local keeps the best and this many latest ones; Ray mode keeps this
+    # many + 1 with the highest val PSNR, and the latest (Ray's CheckpointConfig.num_to_keep).
     keep_checkpoints: int = 2
     # Validation images written to samples.png.
     sample_images: int = 3
@@ -314,6 +342,24 @@ def _deep_copy(data: Any) -> Any:
 # --- loading ------------------------------------------------------------------------------------
 
 
+class _JobLoader(yaml.SafeLoader):
+    """YAML 1.1 reads a plain `on`, `off`, `yes` or `no` as a boolean, keys included; a job's keys
+    are names (`degradation.on`), so a key is kept as the text written. Values are unchanged."""
+
+
+def _mapping_with_named_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    loader.flatten_mapping(node)
+    return {
+        (k.value if k.tag == "tag:yaml.org,2002:bool" else loader.construct_object(k, deep=True)): (
+            loader.construct_object(v, deep=True)
+        )
+        for k, v in node.value
+    }
+
+
+_JobLoader.add_constructor("tag:yaml.org,2002:map", _mapping_with_named_keys)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -323,7 +369,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read job file ({e.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_JobLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -397,10 +443,16 @@ def _validate(cfg: Config) -> None:
     )
     _check(bool(d.test_split.strip()), "data.test_split", d.test_split, "a split name, e.g. test")
     _check(
+        isinstance(d.decoded_cache, bool) or d.decoded_cache > 0,
+        "data.decoded_cache",
+        d.decoded_cache,
+        "false, true or a size in GB > 0",
+    )
+    _check(
         bool(d.source.strip()),
         "data.source",
         d.source,
-        "'samples', a shard dataset (local path or s3://bucket/prefix) or an image folder",
+        "'samples' or a shard dataset (local path or s3://bucket/prefix)",
     )
     _check(
         g.blur_kernel >= 1 and g.blur_kernel % 2 == 1,

@@ -6,10 +6,11 @@
 - Base (all flags off, 1,883,267 params at 64 filters): two 3x3 ReLU convs per level at
   F / 2F / 4F filters, max-pooling down, bilinear upsampling up, concatenated skips, a final
   bilinear x`scale` upsample and a 1x1 conv + sigmoid.
-- Advanced (all on, about 1,887,600): LeakyReLU(0.1) (`leaky_relu`), the first conv of each lower
-  level with stride 2 instead of max-pooling (`strided_conv`), a stride-2 Conv2DTranspose replacing
-  upsample + first decoder conv (`conv_transpose`), bias-free convs + BatchNormalization
-  (`batch_norm`), and an identity shortcut around the bottleneck's second conv (`residual`).
+- Advanced (all on, 1,887,107 params, 2,560 of them BatchNorm moving statistics): LeakyReLU(0.1)
+  (`leaky_relu`), the first conv of each lower level with stride 2 instead of max-pooling
+  (`strided_conv`), a stride-2 Conv2DTranspose replacing upsample + first decoder conv
+  (`conv_transpose`), bias-free convs + BatchNormalization (`batch_norm`), and an identity
+  shortcut around the bottleneck's second conv (`residual`).
   Each replacement keeps the parameter count, so the two archs differ only by BatchNorm.
 
 Only built-in layers are used, so a saved `model.keras` loads with plain `keras.saving.load_model`.
@@ -41,6 +42,7 @@ def _conv(
     leaky_relu: bool,
     batch_norm: bool,
     bn_momentum: float = 0.99,
+    sync_batch_norm: bool = False,
     activate: bool = True,
     dtype=None,
 ):
@@ -49,7 +51,9 @@ def _conv(
         filters, 3, strides=strides, padding="same", use_bias=not batch_norm, name=name, dtype=dtype
     )(x)
     if batch_norm:
-        x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn", dtype=dtype)(x)
+        x = layers.BatchNormalization(
+            momentum=bn_momentum, name=f"{name}_bn", synchronized=sync_batch_norm, dtype=dtype
+        )(x)
     return _act(x, leaky_relu, f"{name}_act") if activate else x
 
 
@@ -63,14 +67,27 @@ def build_unet(
     batch_norm: bool = False,
     residual: bool = False,
     bn_momentum: float = 0.99,
+    sync_batch_norm: bool = False,
     dtype: str | None = None,
     name: str = "unet",
 ) -> keras.Model:
     """The U-Net; `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); the last layer
     always computes in float32 so outputs and losses stay in full precision. `bn_momentum` is
-    the BatchNormalization momentum (with `batch_norm`; no parameters depend on it)."""
+    the BatchNormalization momentum (with `batch_norm`; no parameters depend on it).
+
+    `sync_batch_norm` computes BatchNorm's batch statistics over all replicas of a
+    tf.distribute strategy (TensorFlow backend), so training with N replicas x batch b
+    normalises like one replica x N*b, and the moving statistics, updated from the same numbers
+    on every replica, stay identical. It adds no weights: a model built without it loads them.
+    """
     f1, f2, f3 = filters, 2 * filters, 4 * filters
-    kw = dict(leaky_relu=leaky_relu, batch_norm=batch_norm, bn_momentum=bn_momentum, dtype=dtype)
+    kw = dict(
+        leaky_relu=leaky_relu,
+        batch_norm=batch_norm,
+        bn_momentum=bn_momentum,
+        sync_batch_norm=sync_batch_norm,
+        dtype=dtype,
+    )
     inp = keras.Input((None, None, 3), name="lr")
 
     e1 = _conv(inp, f1, "enc1_conv1", **kw)
@@ -115,8 +132,12 @@ def build_unet(
     return keras.Model(inp, out, name=name)
 
 
-def from_config(cfg: ModelConfig, scale: int, dtype: str | None = None) -> keras.Model:
-    """The U-Net a (resolved) ModelConfig describes."""
+def from_config(
+    cfg: ModelConfig, scale: int, dtype: str | None = None, replicas: int = 1
+) -> keras.Model:
+    """The U-Net a (resolved) ModelConfig describes, for training on `replicas` replicas:
+    synchronised BatchNorm when there are several, unless model.sync_batch_norm is false."""
+    sync = cfg.sync_batch_norm is not False and replicas > 1
     return build_unet(
         filters=cfg.filters,
         scale=scale,
@@ -126,6 +147,7 @@ def from_config(cfg: ModelConfig, scale: int, dtype: str | None = None) -> keras
         batch_norm=bool(cfg.batch_norm),
         residual=bool(cfg.residual),
         bn_momentum=cfg.bn_momentum,
+        sync_batch_norm=bool(sync),
         dtype=dtype,
         name=f"unet_{cfg.arch}",
     )

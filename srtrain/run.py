@@ -5,6 +5,10 @@ a local Ray runtime with one Ray Train worker. `--local` runs the same loop in t
 Ray. Under `ray job submit` (RAY_ADDRESS set) it joins that cluster. Everything a run leaves
 (config.yaml, command.txt, metrics.jsonl, result.json, samples.png, checkpoints) goes to
 `<run.storage>/<run.name>/`, a local directory or s3://bucket/prefix.
+
+A run name means one run: an existing one is an error unless `--resume` continues it (from its
+newest checkpoint, in the mode that trained it). A resumed run keeps its config.yaml; command.txt
+gains one line per command that ran it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ from srtrain.config import Config, ConfigError, load_config, to_dict, to_yaml
 PROG = "srtrain.run"
 
 
+class RunFailed(RuntimeError):
+    """Training ended without a result for a reason the user can act on (one line)."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="job YAML (default: the embedded samples job)")
@@ -51,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run storage: a local directory or s3://bucket/prefix "
         "(sets run.storage; default ./runs)",
     )
-    p.add_argument("--name", help="run name (sets run.name; default <job>-<UTC time>)")
+    p.add_argument(
+        "--name",
+        help="run name (sets run.name; default <job>-<UTC time>); must be new unless --resume",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -105,11 +116,45 @@ def run_name(cfg: Config, args: argparse.Namespace) -> str:
     return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_run_files(cfg: Config, run_dir: str, argv: list[str]) -> None:
+def write_run_files(cfg: Config, run_dir: str, argv: list[str], resuming: bool = False) -> None:
+    """config.yaml and command.txt. A resumed run keeps the config.yaml it started with (each
+    checkpoint holds the config that wrote it) and adds its command line to command.txt."""
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
-    storage.write_bytes(storage.join(run_dir, "config.yaml"), to_yaml(cfg).encode(), **kw)
     command = shlex.join([sys.executable, "-m", PROG, *argv]) + "\n"
-    storage.write_bytes(storage.join(run_dir, "command.txt"), command.encode(), **kw)
+    config_uri, commands_uri = (
+        storage.join(run_dir, "config.yaml"),
+        storage.join(run_dir, "command.txt"),
+    )
+    if not (resuming and storage.exists(config_uri, **kw)):
+        storage.write_bytes(config_uri, to_yaml(cfg).encode(), **kw)
+    before = b""
+    if resuming and storage.exists(commands_uri, **kw):
+        before = storage.read_bytes(commands_uri, **kw)
+    storage.write_bytes(commands_uri, before + command.encode(), **kw)
+
+
+def check_run_name(cfg: Config, name: str, run_dir: str, resume: bool, local: bool) -> bool:
+    """The one meaning of a run name: without --resume it must be new; with --resume the run
+    continues from its newest checkpoint, in the mode that wrote it, or starts if it does not
+    exist yet (a Kubernetes retry). Returns whether there is a run to continue."""
+    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
+    if not storage.exists(run_dir, **kw):
+        if resume:
+            print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it", flush=True)
+        return False
+    if not resume:
+        raise ConfigError(
+            f"run {name!r} already exists in {cfg.run.storage}: --resume continues it, "
+            "or choose another --name"
+        )
+    # --local keeps checkpoints/index.json, Ray its own checkpoint_manager_snapshot.json
+    by_ray = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"), **kw)
+    by_local = storage.exists(storage.join(run_dir, "checkpoints", "index.json"), **kw)
+    if local and by_ray and not by_local:
+        raise ConfigError(f"run {name!r} was trained by Ray: resume it without --local")
+    if not local and by_local and not by_ray:
+        raise ConfigError(f"run {name!r} was trained with --local: resume it with --local")
+    return True
 
 
 def write_result(cfg: Config, run_dir: str, result: dict) -> None:
@@ -139,7 +184,10 @@ def run_local(cfg: Config, run_dir: str, resume: bool) -> dict:
             ckpts.persist(ckpt_dir, checkpoints.load_state(ckpt_dir), metrics)
 
     ctx = train.Context(run_dir=run_dir, restore_from=restore, report=report)
-    result = train.train_loop(cfg, ctx)
+    try:
+        result = train.train_loop(cfg, ctx)
+    except train.TrainingDiverged as e:
+        raise RunFailed(str(e)) from None
     result["checkpoint"] = ckpts.best() or ckpts.latest()
     result["latest_checkpoint"] = ckpts.latest()
     return result
@@ -187,7 +235,13 @@ def _ray_worker(config: dict) -> None:
         report=report,
         log_fn=log_line,
     )
-    result = train.train_loop(cfg, ctx)
+    try:
+        result = train.train_loop(cfg, ctx)
+    except train.TrainingDiverged as e:
+        # Every worker sees the same reduced loss and stops at the same step. Returning (not
+        # raising) keeps Ray from retrying a run that would diverge again, and keeps worker
+        # tracebacks off the console: the driver finds the message in result.json.
+        result = {"error": str(e)}
     if ctx.chief:
         write_result(cfg, config["run_dir"], result)  # the driver adds the checkpoint path
 
@@ -246,6 +300,8 @@ def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
         raise result.error
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
     out = json.loads(storage.read_bytes(storage.join(run_dir, "result.json"), **kw))
+    if out.get("error"):
+        raise RunFailed(out["error"])
     best = result.best_checkpoints or []
     scored = [(m.get("val_psnr"), c) for c, m in best if m.get("val_psnr") is not None]
     if scored:
@@ -295,17 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
         name = run_name(cfg, args)
         run_dir = storage.join(cfg.run.storage, name)
-        resuming = args.resume and storage.exists(
-            storage.join(run_dir, "config.yaml"), cfg.data.endpoint_url, cfg.data.region
-        )
-        if args.resume and not resuming:
-            # A Kubernetes retry or a first start with --resume: nothing to continue yet.
-            print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it", flush=True)
+        resuming = check_run_name(cfg, name, run_dir, args.resume, args.local)
         if cfg.loss.kind == "composite":  # fail before any work when VGG weights are missing
             from srtrain import losses
 
             losses.fetch_weights(cfg.loss.vgg_weights, cfg.data.endpoint_url, cfg.data.region)
-        write_run_files(cfg, run_dir, argv)
+        write_run_files(cfg, run_dir, argv, resuming)
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -323,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; continue with --resume --name {name}", file=sys.stderr)
         return 130
+    except RunFailed as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     except (storage.StorageError, ConfigError, _vgg_error()) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -337,29 +391,39 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result["wall_seconds"] = round(time.time() - t0, 1)
     write_result(cfg, run_dir, result)
-    print(final_line(result), flush=True)
+    print(summary_line(result), flush=True)
     return 0
 
 
-def final_line(result: dict) -> str:
-    """The run's last line: the test split first (no training decision read it), then val."""
-    gain = (result["val_psnr"] or 0) - (result["bicubic_psnr"] or 0)
+def _test_part(result: dict) -> str:
     if result.get("test_psnr") is not None:
-        test_gain = result["test_psnr"] - result["test_bicubic_psnr"]
-        test = (
+        gain = result["test_psnr"] - result["test_bicubic_psnr"]
+        return (
             f"test_psnr {result['test_psnr']:.2f} dB vs bicubic "
-            f"{result['test_bicubic_psnr']:.2f} dB ({test_gain:+.2f} dB), test_ssim "
+            f"{result['test_bicubic_psnr']:.2f} dB ({gain:+.2f} dB), test_ssim "
             f"{result['test_ssim']:.3f} vs {result['test_bicubic_ssim']:.3f} "
             f"({result['test_images']} images of split {result['test_split']!r}, "
             f"{result['test_protocol']}, best-on-val weights); "
         )
-    else:
-        test = f"no test split {result.get('test_split')!r} in this data; "
+    if result.get("test_split"):
+        return f"no test split {result['test_split']!r} in this data; "
+    return ""
+
+
+def summary_line(result: dict) -> str:
+    """The run's last line: the test split first (no training decision read it), then val."""
+    tail = (
+        f"{result['steps']} steps in {result['wall_seconds']:.0f} s; "
+        f"checkpoint {result.get('checkpoint')}"
+    )
+    test = _test_part(result)
+    if result.get("val_psnr") is None:  # no epoch had a finite validation PSNR
+        return f"done: {test}no epoch gave a finite validation PSNR; {tail}"
+    gain = result["val_psnr"] - (result["bicubic_psnr"] or 0)
     return (
         f"done: {test}val_psnr {result['val_psnr']:.2f} dB vs bicubic "
         f"{result['bicubic_psnr']:.2f} dB ({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs "
-        f"{result['bicubic_ssim']:.3f}; {result['steps']} steps in {result['wall_seconds']:.0f} s; "
-        f"checkpoint {result['checkpoint']}"
+        f"{result['bicubic_ssim']:.3f}; {tail}"
     )
 
 

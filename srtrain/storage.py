@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 import tempfile
 import time
 import urllib.parse
@@ -76,31 +77,113 @@ def bucket_of(uri: str) -> str:
     return str(uri)[len("s3://") :].split("/", 1)[0]
 
 
+# pyarrow reports an S3 failure as "When reading information for key 'K' in bucket 'B': AWS Error
+# CODE during OP operation: MESSAGE", with "UNKNOWN (HTTP status N)" for a code the SDK does not
+# name. The code decides what happened; the names never do: keys like "run-0403" or
+# "checkpoint_00500" must not turn a timeout into "access denied" or a refusal into a retry.
+_AWS_ERROR = re.compile(r"AWS Error (?P<code>[A-Z_]+)(?: \(HTTP status (?P<status>\d+)\))? during ")
+# pyarrow quotes every key, bucket and path it names; an apostrophe inside a word ("Couldn't")
+# opens no quote.
+_QUOTED = re.compile(r"(?<!\w)'[^']*'(?!\w)")
+_DENIED_CODES = {
+    "ACCESS_DENIED",
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "INVALID_SIGNATURE",
+    "INCOMPLETE_SIGNATURE",
+    "INVALID_CLIENT_TOKEN_ID",
+    "UNRECOGNIZED_CLIENT",
+    "MISSING_AUTHENTICATION_TOKEN",
+}
+_MISSING_CODES = {"NO_SUCH_KEY", "RESOURCE_NOT_FOUND", "NO_SUCH_UPLOAD"}
+_TRANSIENT_CODES = {
+    "NETWORK_CONNECTION",
+    "REQUEST_TIMEOUT",
+    "SLOW_DOWN",
+    "THROTTLING",
+    "SERVICE_UNAVAILABLE",
+    "INTERNAL_FAILURE",
+}
+# Words for errors that carry no code (local files, the network below the SDK), matched on the
+# message with every quoted name removed, and never digits.
+_DENIED_WORDS = ("accessdenied", "forbidden", "expiredtoken", "tokenhasexpired", "invalidtoken")
+_MISSING_WORDS = ("notfound", "nosuchkey", "pathdoesnotexist")
+_TRANSIENT_WORDS = (
+    "timeout",
+    "timedout",
+    "connectionreset",
+    "connectionrefused",
+    "brokenpipe",
+    "couldn'tconnect",
+    "couldnotconnect",
+    "slowdown",
+    "serviceunavailable",
+    "internalerror",
+    "throttl",
+    "unexpectedend",
+)
+_UNREACHABLE_WORDS = (
+    "couldn'tconnect",
+    "couldnotconnect",
+    "connectionrefused",
+    "couldn'tresolve",
+    "couldnotresolve",
+)
+
+
+def _words(err: Exception) -> str:
+    """The message without the names in it, lower case, no spaces or underscores."""
+    text = _QUOTED.sub("", str(err))
+    return text.lower().replace("_", "").replace(" ", "")
+
+
+def _kind(err: Exception) -> str:
+    """What went wrong: "no-bucket", "denied", "missing", "transient" or "other"."""
+    found = _AWS_ERROR.findall(_QUOTED.sub("", str(err)))
+    if found:
+        code, status = found[-1]
+        status = int(status or 0)
+        if code == "NO_SUCH_BUCKET":
+            return "no-bucket"
+        if code in _DENIED_CODES or status == 403:
+            return "denied"
+        if code in _MISSING_CODES or status == 404:
+            return "missing"
+        if code in _TRANSIENT_CODES or status in (408, 429) or status >= 500:
+            return "transient"
+        if code != "UNKNOWN" or status:
+            return "denied" if any(w in _words(err) for w in _DENIED_WORDS) else "other"
+    if isinstance(err, FileNotFoundError):
+        return "missing"
+    if isinstance(err, PermissionError):
+        return "other"  # a local file's own message says it best
+    if isinstance(err, (TimeoutError, ConnectionError)):
+        return "transient"
+    words = _words(err)
+    if "nosuchbucket" in words or "bucketdoesnotexist" in words:
+        return "no-bucket"
+    for kind, hints in (
+        ("denied", _DENIED_WORDS),
+        ("missing", _MISSING_WORDS),
+        ("transient", _TRANSIENT_WORDS),
+    ):
+        if any(w in words for w in hints):
+            return kind
+    return "other"
+
+
 def _reason(err: Exception) -> str:
     """The user-facing part of a storage error, without the SDK's noise."""
-    text = str(err)
-    low = text.lower().replace("_", "").replace(" ", "")
-    if "nosuchbucket" in low or "bucketdoesnotexist" in low:
+    kind = _kind(err)
+    if kind == "no-bucket":
         return "the bucket does not exist"
-    if any(
-        s in low
-        for s in (
-            "accessdenied",
-            "invalidaccesskeyid",
-            "signaturedoesnotmatch",
-            "forbidden",
-            "403",
-            "invalidtoken",
-            "expiredtoken",
-        )
-    ):
+    if kind == "denied":
         return "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the role"
-    if isinstance(err, FileNotFoundError) or any(
-        s in low for s in ("notfound", "nosuchkey", "pathdoesnotexist", "404")
-    ):
+    if kind == "missing":
         return "not found"
-    if _transient(err):
+    if kind == "transient":
         return f"cannot reach the endpoint {endpoint() or 'of AWS S3'}"
+    text = str(err)
     return text.splitlines()[0] if text else type(err).__name__
 
 
@@ -117,64 +200,14 @@ def _explain(uri: str, err: Exception, endpoint_url: str = "", region: str = "")
     return StorageError(f"{uri}: {why}")
 
 
-_TRANSIENT = (
-    "timeout",
-    "timed out",
-    "connection reset",
-    "connection refused",
-    "broken pipe",
-    "couldn't connect",
-    "could not connect",
-    "curl",
-    "network",
-    "slowdown",
-    "slow down",
-    "serviceunavailable",
-    "service unavailable",
-    "internalerror",
-    "internal error",
-    "throttl",
-    "requesttimeout",
-    "500",
-    "502",
-    "503",
-    "504",
-    "unexpected end",
-    "eof",
-)
-
-
 def _unreachable(err: Exception) -> bool:
-    low = str(err).lower()
-    return any(
-        s in low
-        for s in (
-            "couldn't connect",
-            "could not connect",
-            "connection refused",
-            "couldn't resolve",
-            "could not resolve",
-        )
-    )
+    words = _words(err)
+    return _kind(err) == "transient" and any(w in words for w in _UNREACHABLE_WORDS)
 
 
 def _transient(err: Exception) -> bool:
     """Errors worth retrying: the network or the server, not our request or credentials."""
-    if isinstance(err, (FileNotFoundError, PermissionError)):
-        return False
-    low = str(err).lower()
-    permanent = (
-        "access_denied",
-        "accessdenied",
-        "nosuchbucket",
-        "nosuchkey",
-        "403",
-        "404",
-        "not found",
-    )
-    if any(s in low for s in permanent):
-        return False
-    return isinstance(err, (TimeoutError, ConnectionError)) or any(s in low for s in _TRANSIENT)
+    return _kind(err) == "transient"
 
 
 def retry(

@@ -119,6 +119,15 @@ def make_optimizer(lr, policy: str) -> keras.optimizers.Optimizer:
     return opt
 
 
+def prepare_batch(cfg: Config) -> Callable | None:
+    """What a replica does to its batch before the forward pass: nothing (None) when tf.data
+    delivers (lr, hr); with degradation.on=replica, it turns (hr uint8, seeds) into (lr, hr) with
+    the input side's own `data.degrade_batch`, on the replica's device, inside its step."""
+    if cfg.degradation.on == "input":
+        return None
+    return lambda hr, seeds: data.degrade_batch(hr, seeds, cfg)
+
+
 def clip_global_norm(grads: list, clip_norm: float, loss_scale=1.0) -> list:
     """Scales this replica's gradients so the global gradient (their sum over replicas, what the
     optimizer applies) has an L2 norm of at most `clip_norm`; in replica context.
@@ -136,6 +145,26 @@ def clip_global_norm(grads: list, clip_norm: float, loss_scale=1.0) -> list:
     return [g * tf.cast(factor, g.dtype) for g in grads]
 
 
+def _summed_over_replicas(grads: list) -> list:
+    """The gradients every replica will apply, on every replica, before a loss-scale verdict.
+
+    Keras' LossScaleOptimizer checks the gradients it is handed for inf/NaN and, under
+    tf.distribute, takes one replica's verdict for all (keras/src/optimizers/
+    loss_scale_optimizer.py, `_tf_apply`), but it is handed each replica's own un-reduced
+    gradients: an overflow on another replica reaches the weights through the all-reduce inside
+    `apply`, and replicas that disagree around that collective can hang. Summed here, every
+    replica checks the same numbers, the ones that are applied. Keras 3's TF optimizer always
+    sums over replicas inside `apply` (no flag skips it), hence the `/ n`, exact when n is a
+    power of two. Costs a second all-reduce per step; only fp16 with several replicas pays it.
+    """
+    ctx = tf.distribute.get_replica_context()
+    n = ctx.num_replicas_in_sync
+    if n == 1:
+        return grads
+    summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    return [g / n for g in summed]
+
+
 def make_train_step(
     strategy,
     model,
@@ -143,21 +172,28 @@ def make_train_step(
     loss_fn,
     global_batch: int,
     jit: bool = False,
+    prepare=None,
     clip_norm: float = 0.0,
     ema: WeightEMA | None = None,
 ):
-    """A tf.function taking one distributed (lr, hr) batch; returns the global mean loss.
+    """A tf.function taking one distributed batch, (lr, hr) or what `prepare` (see
+    `prepare_batch`) turns into (lr, hr); returns the global mean loss as a tensor (reading it is
+    a device-to-host copy: the loop reads it only at log boundaries).
 
     `clip_norm` > 0 clips the global gradient norm (train.grad_clip_norm); `ema` is updated
     after every optimizer step (train.ema_decay)."""
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
-    def step_fn(lr, hr):
+    def step_fn(*batch):
+        lr, hr = prepare(*batch) if prepare else batch
         with tf.GradientTape() as tape:
             sr = model(lr, training=True)
             per_example = loss_fn(hr, sr)  # (B_replica,)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, model.trainable_variables)
+        if loss_scaled:
+            grads = _summed_over_replicas(grads)  # one skip-or-apply verdict for all replicas
         if clip_norm:
             grads = clip_global_norm(grads, clip_norm, getattr(optimizer, "dynamic_scale", 1.0))
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
@@ -222,24 +258,69 @@ def validate(strategy, eval_step, val_ds, max_batches: int = 0) -> dict:
 def distributed_train_dataset(strategy, cfg: Config, global_batch: int, start_step: int = 0):
     """The training pipeline, one per worker, batched per replica, sharded over workers.
 
-    Seeds differ per input pipeline and per resumption (`start_step`), so no two workers and no
-    resumed run replay the same sample stream.
+    Seeds differ per input pipeline, so no two workers draw the same samples. A resumed run
+    (`start_step` > 0) keeps the seeds and continues each pipeline's stream after the batches it
+    delivered before (each step takes one batch per replica the pipeline feeds).
     """
-    seed_base = cfg.train.seed * 1_000_003 + start_step
+    seed_base = cfg.train.seed * 1_000_003
 
     def dataset_fn(input_context: tf.distribute.InputContext):
+        pipelines = input_context.num_input_pipelines
         return data.train_dataset(
             cfg,
             index=input_context.input_pipeline_id,
-            count=input_context.num_input_pipelines,
+            count=pipelines,
             seed=seed_base + 7919 * input_context.input_pipeline_id,
             batch_size=input_context.get_per_replica_batch_size(global_batch),
+            start_batch=start_step * input_context.num_replicas_in_sync // pipelines,
         )
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
 
 # --- the loop -----------------------------------------------------------------------------------
+
+# Steps between looks at the loss: each look is a device-to-host copy that drains the pipeline.
+# A diverged run is also caught at every checkpoint and epoch end, so it stops within an epoch.
+CHECK_LOSS_EVERY = 20
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became inf/NaN; the message is the one line a user sees."""
+
+
+class LossMeter:
+    """Sums the per-step losses on the device; `mean()` is the one host read, at log points.
+
+    Every worker computes the same globally reduced loss, so every worker stops at the same step
+    when it becomes non-finite (Ray's report is a barrier: they must stop together).
+    """
+
+    def __init__(self):
+        self.total, self.n, self.recent = None, 0, []
+
+    def add(self, loss: tf.Tensor, step: int) -> None:
+        # Starts from the first loss, not a host constant: the sum stays on the loss's device
+        # (a GPU), where adding is queued and nothing waits for it.
+        loss = tf.cast(loss, tf.float32)
+        self.total = loss if self.total is None else self.total + loss
+        self.n += 1
+        self.recent.append((step, loss))
+
+    def mean(self) -> float:
+        return float(self.total) / self.n if self.n else 0.0
+
+    def check(self, lr: float) -> None:
+        """Raises TrainingDiverged naming the first step whose loss is not finite."""
+        if math.isfinite(self.mean()):
+            self.recent.clear()
+            return
+        bad = [(s, float(v)) for s, v in self.recent if not math.isfinite(float(v))]
+        step, loss = bad[0] if bad else (self.recent[-1][0], float(self.total))
+        raise TrainingDiverged(
+            f"training diverged: the loss is {loss} at step {step}; "
+            f"lower train.lr (it is {lr:g}) and start again"
+        )
 
 
 def _fail_injection(cfg: Config, ctx: Context, step: int) -> None:
@@ -269,18 +350,19 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
     scale = cfg.degradation.scale
 
     with strategy.scope():
-        model = models.from_config(cfg.model, scale, dtype=policy)
+        model = models.from_config(cfg.model, scale, dtype=policy, replicas=replicas)
         optimizer = make_optimizer(schedule.learning_rate(cfg.train, base_lr), policy)
         optimizer.build(model.trainable_variables)
         ema = None
         if cfg.train.ema_decay:
-            averaged = models.from_config(cfg.model, scale, dtype=policy)
+            averaged = models.from_config(cfg.model, scale, dtype=policy, replicas=replicas)
             ema = WeightEMA(strategy, model, averaged, cfg.train.ema_decay)
     # What is validated, kept as best, tested and exported: the EMA weights when on.
     eval_model = ema.averaged if ema else model
     loss_fn = losses.build_loss(
         cfg.loss, dtype=policy, endpoint_url=cfg.data.endpoint_url, region=cfg.data.region
     )
+    # Built for one replica: the checkpoint's model.keras carries no tf.distribute settings.
     export_model = models.from_config(cfg.model, scale) if ctx.chief else None
 
     state, best_weights = checkpoints.TrainState(lr=base_lr), None
@@ -302,6 +384,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         loss_fn,
         global_batch,
         cfg.train.jit,
+        prepare_batch(cfg),
         clip_norm=cfg.train.grad_clip_norm,
         ema=ema,
     )
@@ -332,18 +415,20 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
 
     while state.epoch < cfg.train.epochs and not stopped_early:
         epoch = state.epoch + 1
-        t0, wait, loss_sum, n = time.perf_counter(), 0.0, 0.0, 0
+        t0, wait, meter = time.perf_counter(), 0.0, LossMeter()
         while state.step < epoch * steps_per_epoch:
             t_in = time.perf_counter()
             batch = next(train_iter)
             wait += time.perf_counter() - t_in
-            loss_sum += float(train_step(batch))
-            n += 1
             state.step += 1
+            meter.add(train_step(batch), state.step)
+            if state.step % CHECK_LOSS_EVERY == 0:
+                _check_loss(meter, state, tb)
             if cfg.debug.fail_at_step:
                 _fail_injection(cfg, ctx, state.step)
             every = cfg.train.checkpoint_every_steps
             if every and state.step % every == 0 and state.step < epoch * steps_per_epoch:
+                _check_loss(meter, state, tb)  # never checkpoint a diverged model
                 _checkpoint(
                     cfg,
                     ctx,
@@ -352,15 +437,16 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
                     optimizer,
                     state,
                     best_weights,
-                    {"step": state.step, "epoch": state.epoch, "train_loss": loss_sum / n},
+                    {"step": state.step, "epoch": state.epoch, "train_loss": meter.mean()},
                     eval_model,
                 )
+        _check_loss(meter, state, tb)
         seconds = time.perf_counter() - t0
-        images_per_sec = n * global_batch / max(seconds, 1e-9)
+        images_per_sec = meter.n * global_batch / max(seconds, 1e-9)
         row = {
             "epoch": epoch,
             "step": state.step,
-            "train_loss": loss_sum / max(n, 1),
+            "train_loss": meter.mean(),
             "lr": float(optimizer.learning_rate),  # at the epoch's end
             "images_per_sec": images_per_sec,
             "input_wait": wait / max(seconds, 1e-9),
@@ -446,6 +532,15 @@ def evaluate_test_split(cfg: Config, ctx: Context, strategy, eval_step) -> dict:
     return out
 
 
+def _check_loss(meter: LossMeter, state, tb) -> None:
+    try:
+        meter.check(state.lr)
+    except TrainingDiverged:
+        if tb is not None:
+            tb.close()
+        raise
+
+
 def _checkpoint(
     cfg, ctx, export_model, model, optimizer, state, best_weights, row, eval_model=None
 ) -> None:
@@ -480,7 +575,8 @@ def _progress_line(row: dict, epochs: int) -> str:
     if row["input_wait"] > 0.10:
         line += (
             f"  input-bound: {row['input_wait']:.0%} of step time waiting for data"
-            " (more scaling.cpus_per_worker, or data.patches_per_image=2)"
+            " (degradation.on=replica and data.decoded_cache=true on GPUs; more"
+            " scaling.cpus_per_worker; or data.patches_per_image=2)"
         )
     if "lr_reduced_to" in row:
         line += f"  (lr -> {row['lr_reduced_to']:.1e})"

@@ -6,9 +6,12 @@ INPUT: JPEG/PNG/BMP files or folders of them; each becomes DIR/<name>.png at `sc
 (the scale is read from the checkpoint's config.yaml; 2 without one). Grayscale and RGBA inputs
 give RGB output. Images of any size: the LR is padded (mirrored) to a multiple of 4, which the
 U-Net's two 2x downsamplings need, and the output is cropped back. Large images are processed in
-N x N LR tiles overlapping by M pixels, blended with linear ramps over the overlaps, so memory stays
-bounded (`--tile 0`: whole image at once). An unreadable file is reported and skipped; the exit
-code is 1 if any file failed.
+N x N LR tiles (N a multiple of 4) overlapping by M pixels (rounded down to a multiple of 4, so
+every tile starts on the pooling grid), each tile keeping only its part up to the middle of each
+overlap, so memory stays bounded; with half an overlap at least the U-Net's reach (under 32 LR
+pixels; the default overlap is 64) the output equals the untiled one to float rounding
+(`--tile 0`: whole image at once). An unreadable file is reported and skipped; the exit code is 1
+if any file failed.
 """
 
 from __future__ import annotations
@@ -78,56 +81,44 @@ def _run(model, lr: np.ndarray, scale: int) -> np.ndarray:
     return out[: h * scale, : w * scale]
 
 
-def _starts(size: int, tile: int, step: int) -> list[int]:
+def _spans(size: int, tile: int, step: int) -> list[tuple[int, int]]:
+    """(start, end) of the tiles along one axis. Starts are multiples of MODEL_MULTIPLE, as in
+    the untiled pass: the U-Net pools 2x2 twice, and a tile starting elsewhere would see another
+    pooling grid and give different pixels. The last tile ends at the edge, up to 3 pixels longer
+    than `tile`."""
     if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, step))
-    return [*starts, size - tile]
+        return [(0, size)]
+    last = (size - tile) // MODEL_MULTIPLE * MODEL_MULTIPLE
+    starts = [*range(0, last, step), last]
+    return [(a, min(a + tile, size)) for a in starts[:-1]] + [(last, size)]
 
 
-def _ramp(length: int, left: int, right: int) -> np.ndarray:
-    """1-D blend weights: rising over `left` pixels, falling over `right`, 1 in between."""
-    w = np.ones(length, np.float32)
-    if left:
-        w[:left] = (np.arange(left, dtype=np.float32) + 0.5) / left
-    if right:
-        w[length - right :] = np.minimum(
-            w[length - right :], ((np.arange(right, dtype=np.float32) + 0.5) / right)[::-1]
-        )
-    return w
+def _seams(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The part of each span whose output is kept: neighbours meet in the middle of their
+    overlap, so every kept pixel is at least half an overlap from a tile edge inside the image."""
+    cuts = [(spans[i][1] + spans[i + 1][0]) // 2 for i in range(len(spans) - 1)]
+    return list(zip([spans[0][0], *cuts], [*cuts, spans[-1][1]], strict=True))
 
 
-def predict(model, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 32) -> np.ndarray:
+def predict(model, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 64) -> np.ndarray:
     """(h, w, 3) LR in [0, 1] -> (scale*h, scale*w, 3) output, in tiles of tile x tile LR pixels
     overlapping by `overlap` (tile 0: the whole image in one pass)."""
     h, w = lr.shape[:2]
     if tile <= 0:
         return _run(model, lr, scale)
-    overlap = min(overlap, tile // 2)
+    # Overlaps in whole pooling cells keep every tile start on the untiled pass's grid.
+    overlap = min(overlap, tile // 2) // MODEL_MULTIPLE * MODEL_MULTIPLE
     step = tile - overlap
     out = np.zeros((h * scale, w * scale, 3), np.float32)
-    weight = np.zeros((h * scale, w * scale, 1), np.float32)
-    ys, xs = _starts(h, tile, step), _starts(w, tile, step)
-    for y in ys:
-        for x in xs:
-            th, tw = min(tile, h - y), min(tile, w - x)
-            sr = _run(model, lr[y : y + th, x : x + tw], scale)  # (s*th, s*tw, 3)
-            # Ramps only where a neighbouring tile overlaps, so image borders keep weight 1.
-            wy = _ramp(
-                th * scale,
-                (y > 0) * min(overlap, th) * scale,
-                (y + th < h) * min(overlap, th) * scale,
-            )
-            wx = _ramp(
-                tw * scale,
-                (x > 0) * min(overlap, tw) * scale,
-                (x + tw < w) * min(overlap, tw) * scale,
-            )
-            wt = (wy[:, None] * wx[None, :])[..., None]
-            sl = np.s_[y * scale : (y + th) * scale, x * scale : (x + tw) * scale]
-            out[sl] += sr * wt
-            weight[sl] += wt
-    return out / weight
+    ys, xs = _spans(h, tile, step), _spans(w, tile, step)
+    for (y0, y1), (ky0, ky1) in zip(ys, _seams(ys), strict=True):
+        for (x0, x1), (kx0, kx1) in zip(xs, _seams(xs), strict=True):
+            sr = _run(model, lr[y0:y1, x0:x1], scale)  # (s*(y1-y0), s*(x1-x0), 3)
+            # A tile's edge pixels miss the context beyond it: only its middle is kept.
+            out[ky0 * scale : ky1 * scale, kx0 * scale : kx1 * scale] = sr[
+                (ky0 - y0) * scale : (ky1 - y0) * scale, (kx0 - x0) * scale : (kx1 - x0) * scale
+            ]
+    return out
 
 
 def checkpoint_scale(checkpoint: str) -> int:
@@ -193,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         default=512,
         help="LR tile side in pixels, a multiple of 4 (0: no tiling; default 512)",
     )
-    p.add_argument("--overlap", type=int, default=32, help="tile overlap in LR pixels")
+    p.add_argument(
+        "--overlap",
+        type=int,
+        default=64,
+        help="tile overlap in LR pixels, rounded down to a multiple of 4 (default 64)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if (

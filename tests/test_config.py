@@ -26,6 +26,15 @@ def test_defaults_are_the_samples_job_and_resolve_arch_flags():
     assert adv.model.leaky_relu and adv.model.batch_norm and adv.model.residual is False
 
 
+def test_embedded_default_is_the_samples_jobs():
+    # `python -m srtrain.run` and `--config jobs/samples-base.yaml` must run the same job, and
+    # the advanced sample must differ from it only in the architecture.
+    assert load_config(None) == load_config(REPO / "jobs" / "samples-base.yaml")
+    assert load_config(None, ["model.arch=advanced"]) == load_config(
+        REPO / "jobs" / "samples-advanced.yaml"
+    )
+
+
 def test_overrides_are_parsed_to_the_field_type():
     cfg = load_config(
         None,

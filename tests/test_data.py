@@ -223,34 +223,20 @@ def test_eval_dataset_is_deterministic_and_complete(dataset):
         np.testing.assert_array_equal(x, y)
 
 
-def test_pipelines_read_disjoint_shards_and_say_so(dataset, caplog):
+def test_pipelines_read_disjoint_equal_shares_and_say_so(dataset, caplog):
     dest, m = dataset
     cfg = cfg_for(dest)
-    seen = []
-    with caplog.at_level(logging.INFO, logger="srtrain.data"):
-        for i in range(2):
-            ids = data.records(cfg, "train", i, 2).map(lambda r: r["id"])
-            seen.append({x.decode() for x in ids.as_numpy_iterator()})
-    assert not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) == m["splits"]["train"]["images"]
-    lines = [r.getMessage() for r in caplog.records if "reads shards" in r.getMessage()]
-    parts = [set(line.split(": ", 1)[1].split(",")) for line in lines]
-    assert lines[0].startswith("pipeline 0/2 reads shards: ") and not parts[0] & parts[1]
-
-
-def test_fewer_shards_than_pipelines_falls_back_to_elements(dataset, caplog):
-    dest, m = dataset
-    cfg = cfg_for(dest)
-    n = len(m["splits"]["val"]["shards"])
-    count = n + 1
-    seen = []
-    with caplog.at_level(logging.INFO, logger="srtrain.data"):
-        for i in range(count):
-            ids = data.records(cfg, "val", i, count).map(lambda r: r["id"])
-            seen.append([x.decode() for x in ids.as_numpy_iterator()])
-    flat = [x for part in seen for x in part]
-    assert sorted(flat) == sorted(set(flat)) and len(flat) == m["splits"]["val"]["images"]
-    assert any("sharding element-wise" in r.getMessage() for r in caplog.records)
+    for count in (2, 3, 5):
+        seen = []
+        with caplog.at_level(logging.INFO, logger="srtrain.data"):
+            for i in range(count):
+                ids = data.records(cfg, "train", i, count).map(lambda r: r["id"])
+                seen.append([x.decode() for x in ids.as_numpy_iterator()])
+        flat = [x for part in seen for x in part]
+        assert sorted(flat) == sorted(set(flat)) and len(flat) == m["splits"]["train"]["images"]
+        assert max(map(len, seen)) - min(map(len, seen)) <= 1, [len(p) for p in seen]
+    lines = [r.getMessage() for r in caplog.records if " reads " in r.getMessage()]
+    assert lines[0].startswith("pipeline 0/2 reads 8 of 16 train images: train-00000.parquet[0:1]")
 
 
 def test_records_leave_out_images_below_min_size(dataset):
@@ -291,3 +277,246 @@ def test_samples_pipeline_still_works():
     cfg = load_config(None, ["data.patch_size=64", "data.batch_size=2"])
     lr, hr = next(iter(data.train_dataset(cfg)))
     assert lr.shape == (2, 32, 32, 3) and hr.shape == (2, 64, 64, 3)
+
+
+# --- worker shares, passes, resume ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coded_dataset(tmp_path_factory):
+    """12 PNG photos in 3 equal shards of 2-image row groups; a pixel tells its photo (red) and
+    its position in it (green = row, blue = column). Side - 63 is a multiple of 4 (4 a), so the
+    quarter of the range a crop offset falls in is uniform on 0..3."""
+    src = tmp_path_factory.mktemp("coded")
+    for i in range(12):
+        a_h, a_w = 1 + i % 4, 1 + i // 4
+        h, w = 63 + 4 * a_h, 63 + 4 * a_w
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[..., 0] = 10 + 20 * i
+        arr[..., 1] = np.arange(h)[:, None]
+        arr[..., 2] = np.arange(w)[None, :]
+        Image.fromarray(arr).save(src / f"c{i:02d}.png")
+    dest = tmp_path_factory.mktemp("coded-shards")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shards, "ROW_GROUP", 2)
+        size = max(p.stat().st_size for p in src.iterdir())
+        m = shards.build(
+            str(src),
+            str(dest),
+            split={"train": 1.0},
+            shard_size=4 * size - size // 2,  # 4 photos a shard
+            min_size=64,
+            workers=1,
+            progress=False,
+        )
+    assert [s["images"] for s in m["splits"]["train"]["shards"]] == [4, 4, 4]
+    return dest
+
+
+def coded_cfg(dest, *extra):
+    return cfg_for(dest, "degradation.noise_sigma=0", "data.batch_size=64", *extra)
+
+
+def test_three_shards_two_pipelines_read_equal_shares(coded_dataset):
+    # Whole shards dealt round robin would give 8 and 4 photos.
+    cfg = coded_cfg(coded_dataset)
+    seen = [
+        sorted(
+            x.decode()
+            for x in data.records(cfg, "train", i, 2).map(lambda r: r["id"]).as_numpy_iterator()
+        )
+        for i in range(2)
+    ]
+    assert [len(s) for s in seen] == [6, 6] and not set(seen[0]) & set(seen[1])
+
+
+def test_every_pass_reads_the_share_once_in_a_new_order(coded_dataset):
+    cfg = coded_cfg(coded_dataset)
+    ids = [
+        x.decode()
+        for x in data.records(cfg, "train", seed=3)
+        .take(36)
+        .map(lambda r: r["id"])
+        .as_numpy_iterator()
+    ]
+    passes = [ids[0:12], ids[12:24], ids[24:36]]
+    assert all(sorted(p) == sorted(passes[0]) and len(set(p)) == 12 for p in passes)
+    assert len({tuple(p) for p in passes}) == 3  # shard and row-group order differ per pass
+    again = [
+        x.decode()
+        for x in data.records(cfg, "train", seed=3)
+        .take(36)
+        .map(lambda r: r["id"])
+        .as_numpy_iterator()
+    ]
+    assert again == ids  # from the seed
+
+
+def test_resume_continues_the_stream_where_it_stopped(coded_dataset):
+    # Without the record shuffle the continuation is exact: same records, same seeds.
+    cfg = coded_cfg(coded_dataset, "data.shuffle_buffer=1", "data.batch_size=5")
+    whole = [hr.numpy() for _, hr in data.train_dataset(cfg, seed=9).take(8)]
+    rest = [hr.numpy() for _, hr in data.train_dataset(cfg, seed=9, start_batch=6).take(2)]
+    # 6 batches of 5 = 30 records: pass 2, offset 6 of 12
+    for a, b in zip(whole[6:], rest, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_validation_reads_only_each_workers_part(dataset, monkeypatch):
+    dest, m = dataset
+    read = []
+    real = shards.read_shard_blocks
+
+    def spy(*args, **kwargs):
+        for block in real(*args, **kwargs):
+            read.extend(block[0])  # ids
+            yield block
+
+    monkeypatch.setattr(shards, "read_shard_blocks", spy)
+    for cap in (0, 5):
+        cfg = cfg_for(dest, "data.val_patch_size=64", f"data.val_images={cap}")
+        parts = []
+        for i in range(2):
+            read.clear()
+            ids = [
+                k.decode()
+                for k, _, _ in data.eval_dataset(cfg, index=i, count=2)
+                .unbatch()
+                .as_numpy_iterator()
+            ]
+            assert sorted(read) == sorted(ids)  # read nothing but its part
+            parts.append(ids)
+        assert not set(parts[0]) & set(parts[1])
+        assert len(parts[0]) + len(parts[1]) == (cap or m["splits"]["val"]["images"])
+
+
+# --- decoded-image cache ------------------------------------------------------------------------
+
+
+def patch_stats(hr: np.ndarray) -> tuple[int, int, int]:
+    """(photo, crop cell 0..15, dihedral 0..7) of a uint8 patch of a `coded_dataset` photo."""
+    photo = (int(hr[0, 0, 0]) - 10) // 20
+    a_h, a_w = 1 + photo % 4, 1 + photo // 4
+    y, x = hr[..., 1].astype(int), hr[..., 2].astype(int)
+    top, left = y.min(), x.min()
+    corner = 2 * int(y[0, 0] != top) + int(x[0, 0] != left)
+    along_rows = int(y[0, 1] == y[0, 0])  # the first row runs along the photo's row
+    return photo, 4 * (top // a_h) + left // a_w, 2 * corner + along_rows
+
+
+def histograms(batches) -> list[np.ndarray]:
+    stats = np.array([patch_stats(p) for hr in batches for p in hr])
+    return [np.bincount(stats[:, j], minlength=n) for j, n in enumerate((12, 16, 8))]
+
+
+def chi2_uniform(counts: np.ndarray) -> float:
+    expect = counts.sum() / len(counts)
+    return float(((counts - expect) ** 2 / expect).sum())
+
+
+def chi2_same(a: np.ndarray, b: np.ndarray) -> float:
+    """Chi-square statistic of homogeneity of two histograms (equal totals)."""
+    both = a + b
+    ok = both > 0
+    return float(((a[ok] - b[ok]) ** 2 / both[ok]).sum())
+
+
+# p = 0.001 points of chi-square with 11, 15 and 7 degrees of freedom
+BOUNDS = (31.3, 37.7, 24.3)
+
+
+def test_decoded_cache_draws_patches_like_window_decoding(coded_dataset, monkeypatch):
+    cfg = coded_cfg(coded_dataset, "data.shuffle_buffer=12")
+    cached = coded_cfg(coded_dataset, "data.decoded_cache=true")
+    n = 24  # batches of 64
+    plain = histograms(
+        (hr.numpy() * 255).round().astype(np.uint8)
+        for _, hr in data.train_dataset(cfg, seed=1).take(n)
+    )
+    fast = histograms(
+        (hr.numpy() * 255).round().astype(np.uint8)
+        for _, hr in data.train_dataset(cached, seed=1).take(n)
+    )
+    for p, f, bound in zip(plain, fast, BOUNDS, strict=True):
+        assert p.sum() == f.sum() == 64 * n
+        assert chi2_uniform(p) < bound and chi2_uniform(f) < bound, (p, f)
+        assert chi2_same(p, f) < bound, (p, f)
+    # The same check on a cache whose batches all come from one seed fails.
+    real = data.cache_batch
+    monkeypatch.setattr(data, "cache_batch", lambda c, s, b, seed, n: real(c, s, b, seed, 0))
+    stuck = histograms(
+        hr.numpy() for hr, _ in data.cached_batches(data.decoded_cache(cached), 64, 64, 1).take(n)
+    )
+    assert all(chi2_uniform(h) > bound for h, bound in zip(stuck, BOUNDS, strict=True))
+
+
+def test_decoded_cache_is_reproducible_and_resumable(coded_dataset):
+    cache = data.decoded_cache(coded_cfg(coded_dataset, "data.decoded_cache=true"))
+    assert len(cache.offsets) == 12 and cache.pixels.size == int(
+        (cache.heights * cache.widths * 3).sum()
+    )
+    whole = list(data.cached_batches(cache, 64, 8, 5).take(6).as_numpy_iterator())
+    rest = list(data.cached_batches(cache, 64, 8, 5, start_batch=4).take(2).as_numpy_iterator())
+    for (a, s), (b, t) in zip(whole[4:], rest, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(s, t)
+    hr, seeds = whole[0]
+    assert hr.dtype == np.uint8 and hr.shape == (8, 64, 64, 3) and seeds.shape == (8, 2)
+    photos = [
+        cache.pixels[o : o + h * w * 3].reshape(h, w, 3)
+        for o, h, w in zip(cache.offsets, cache.heights, cache.widths, strict=True)
+    ]
+    for patch in hr:  # a flip/rotation of a window of the photo its pixels name
+        img = next(p for p in photos if p[0, 0, 0] == patch[0, 0, 0])
+        top, left = int(patch[..., 1].min()), int(patch[..., 2].min())
+        window = img[top : top + 64, left : left + 64]
+        assert any(np.array_equal(patch, c) for c in dihedral_images(window))
+    assert len({tuple(s) for _, ss in whole for s in ss}) == 48  # fresh noise seed per patch
+
+
+def test_decoded_cache_memory_check(coded_dataset, monkeypatch, caplog):
+    from srtrain.config import ConfigError
+
+    need, n = data.decoded_cache_bytes(coded_cfg(coded_dataset))
+    sides = [(63 + 4 * (1 + i % 4), 63 + 4 * (1 + i // 4)) for i in range(12)]
+    assert (need, n) == (sum(3 * h * w for h, w in sides), 12)
+    with pytest.raises(ConfigError) as e:
+        data.train_dataset(coded_cfg(coded_dataset, "data.decoded_cache=1e-6"))
+    assert str(e.value) == (
+        f"data.decoded_cache needs {need / 1e9:.3g} GB for 12 images, the cap is 1e-06 GB; "
+        "set data.decoded_cache=false or use more workers"
+    )
+    monkeypatch.setattr(data, "available_memory", lambda: 2**20)
+    with pytest.raises(ConfigError, match="this worker has 0 GB available"):
+        data.train_dataset(coded_cfg(coded_dataset, "data.decoded_cache=5"))
+    with caplog.at_level(logging.WARNING, logger="srtrain.data"):
+        _, hr = next(iter(data.train_dataset(coded_cfg(coded_dataset, "data.decoded_cache=true"))))
+    assert hr.shape == (64, 64, 64, 3)  # window decoding instead
+    assert any("decoding patch windows instead" in r.getMessage() for r in caplog.records)
+
+
+def test_decoded_cache_option_parses():
+    from srtrain.config import ConfigError
+
+    assert load_config(None, ["data.decoded_cache=true"]).data.decoded_cache is True
+    assert load_config(None, ["data.decoded_cache=2"]).data.decoded_cache == 2.0
+    assert load_config(None).data.decoded_cache is False
+    for bad in ("0", "-1", "lots"):
+        with pytest.raises(ConfigError, match=r"^data\.decoded_cache: got"):
+            load_config(None, [f"data.decoded_cache={bad}"])
+
+
+def test_cache_dihedral_matches_the_numpy_definition(monkeypatch):
+    src = np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)[2:18, 5:21]
+    fast = []
+    for code in range(8):
+        dst = np.empty((16, 16, 3), np.uint8)
+        data._put_dihedral(src, code, dst)
+        fast.append(dst)
+    monkeypatch.setattr(data, "cv2", None)
+    for code in range(8):
+        dst = np.empty((16, 16, 3), np.uint8)
+        data._put_dihedral(src, code, dst)
+        np.testing.assert_array_equal(dst, fast[code])
+    assert len({f.tobytes() for f in fast}) == 8
+    assert {f.tobytes() for f in fast} == {c.tobytes() for c in dihedral_images(src)}

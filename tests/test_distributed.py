@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _mirrored_check() -> dict:
-    import numpy as np
     import tensorflow as tf
 
     from srtrain import losses, models, train
@@ -82,11 +82,113 @@ def _mirrored_check() -> dict:
         for a, b in zip(single.get_weights(), m3.get_weights(), strict=True)
     )
     # every mirrored variable is identical on both replicas
-    out["replica_weight_spread"] = max(
+    out["replica_weight_spread"] = _replica_spread(strategy, mirrored)
+
+    # the Advanced U-Net (BatchNorm) as the loop builds it for 2 replicas: model.sync_batch_norm
+    # unset means synchronised statistics, so 2 x 4 normalises like 1 x 8
+    adv_cfg = load_config(None, ["model.arch=advanced", "model.filters=8"]).model
+    keras.utils.set_random_seed(keras_seed)
+    adv_single = models.from_config(adv_cfg, 2)
+    adv_init = adv_single.get_weights()
+    opt4 = train.make_optimizer(1e-3, "float32")
+    opt4.build(adv_single.trainable_variables)
+    step4 = train.make_train_step(tf.distribute.get_strategy(), adv_single, opt4, losses.mae, 8)
+    with strategy.scope():
+        adv = models.from_config(adv_cfg, 2, replicas=strategy.num_replicas_in_sync)
+        adv.set_weights(adv_init)
+        opt5 = train.make_optimizer(1e-3, "float32")
+        opt5.build(adv.trainable_variables)
+    step5 = train.make_train_step(strategy, adv, opt5, losses.mae, 8)
+    for _ in range(2):
+        step4((tf.constant(lr), tf.constant(hr)))
+        step5(dist_batch)
+    moving = [i for i, w in enumerate(adv.weights) if "moving" in w.path]
+    out["adv_moving_stats"] = len(moving)
+    out["adv_moving_moved"] = max(
+        float(np.max(np.abs(adv.get_weights()[i] - adv_init[i]))) for i in moving
+    )
+    out["adv_max_diff_vs_single"] = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(adv_single.get_weights(), adv.get_weights(), strict=True)
+    )
+    out["adv_moving_max_diff_vs_single"] = max(
+        float(np.max(np.abs(adv_single.get_weights()[i] - adv.get_weights()[i]))) for i in moving
+    )
+    for _ in range(2):
+        step5(dist_batch)
+    out["adv_replica_spread"] = _replica_spread(strategy, adv)
+    with strategy.scope():  # synchronised BatchNorm adds no weights
+        full = models.from_config(load_config(None, ["model.arch=advanced"]).model, 2, replicas=2)
+    out["adv_params_64_filters"] = full.count_params()
+    return out
+
+
+def _replica_spread(strategy, model) -> float:
+    """The largest difference between the two replicas' copies of any variable (weights, and
+    BatchNorm's moving statistics)."""
+    return max(
         float(np.max(np.abs(parts[0].numpy() - parts[1].numpy())))
-        for v in mirrored.weights
+        for v in model.weights
         for parts in [strategy.experimental_local_results(v.value)]
     )
+
+
+def _fp16_overflow_check() -> dict:
+    """fp16 on 2 replicas, an overflow planted on replica 1 only: one step, then what happened."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from srtrain import losses, models, train
+
+    train.split_cpu(2)
+    strategy = train.pick_strategy()
+    rng = np.random.default_rng(0)
+    lr = rng.random((2, 4, 16, 16, 3), "float32")  # (replica, B, h, w, C)
+    hr = rng.random((2, 4, 32, 32, 3), "float32")
+    lr[1, 0, 0, 0, 0] = 1e6  # beyond float16's 65504: inf on replica 1 only
+    keras.utils.set_random_seed(3)
+    with strategy.scope():
+        model = models.build_unet(filters=8, dtype="mixed_float16")
+        opt = train.make_optimizer(1e-3, "mixed_float16")
+        opt.build(model.trainable_variables)
+    init = [w.copy() for w in model.get_weights()]
+    scale_before = float(opt.dynamic_scale.numpy())
+    step = train.make_train_step(strategy, model, opt, losses.mae, 8)
+    batch = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            tf.constant(lr[ctx.replica_id_in_sync_group]),
+            tf.constant(hr[ctx.replica_id_in_sync_group]),
+        )
+    )
+    step(batch)
+    per_replica = [
+        [v.value.values[i].numpy() for v in model.weights] for i in range(2)
+    ]  # every variable as each replica holds it
+    out = {
+        "scale_before": scale_before,
+        "scale_after": float(opt.dynamic_scale.numpy()),
+        "iterations": int(opt.iterations.numpy()),
+        "finite": all(bool(np.isfinite(w).all()) for ws in per_replica for w in ws),
+        "replica_spread": max(
+            float(np.max(np.abs(a - b))) for a, b in zip(*per_replica, strict=True)
+        ),
+        "moved": max(
+            float(np.max(np.abs(a - b))) for a, b in zip(per_replica[0], init, strict=True)
+        ),
+    }
+    # a clean batch afterwards is applied, on both replicas alike
+    clean = strategy.experimental_distribute_values_from_function(
+        lambda ctx: (
+            tf.constant(np.clip(lr[ctx.replica_id_in_sync_group], 0, 1)),
+            tf.constant(hr[ctx.replica_id_in_sync_group]),
+        )
+    )
+    step(clean)
+    out["moved_after_clean_step"] = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(model.get_weights(), init, strict=True)
+    )
+    out["iterations_after_clean_step"] = int(opt.iterations.numpy())
     return out
 
 
@@ -120,6 +222,40 @@ def test_mirrored_replicas_keep_identical_weights(mirrored):
     assert mirrored["replica_weight_spread"] == 0.0
 
 
+def test_advanced_unet_two_replicas_of_4_equal_one_of_8_with_sync_batch_norm(mirrored):
+    assert mirrored["adv_params_64_filters"] == 1_887_107
+    assert mirrored["adv_moving_stats"] > 0 and mirrored["adv_moving_moved"] > 0
+    # weights and moving statistics after 2 steps, as one replica of 8 computes them
+    assert mirrored["adv_max_diff_vs_single"] < 1e-4
+    assert mirrored["adv_moving_max_diff_vs_single"] < 1e-5
+
+
+def test_advanced_unet_replicas_keep_identical_weights_and_moving_statistics(mirrored):
+    assert mirrored["adv_replica_spread"] == 0.0
+
+
+def _run_check(name: str) -> dict:
+    p = subprocess.run(
+        [sys.executable, __file__, name],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_fp16_overflow_on_one_replica_skips_the_step_on_all():
+    r = _run_check("fp16")
+    # the verdict is taken on the summed gradients: skipped everywhere, the loss scale halves
+    assert r["scale_before"] == 2.0**15 and r["scale_after"] == 2.0**14
+    assert r["iterations"] == 0
+    assert r["finite"] and r["moved"] == 0.0 and r["replica_spread"] == 0.0
+    # and a clean step afterwards trains, on both replicas alike
+    assert r["moved_after_clean_step"] > 0 and r["iterations_after_clean_step"] == 1
+
+
 @pytest.mark.slow
 def test_local_mode_trains_with_mirrored_strategy(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -139,6 +275,8 @@ def test_local_mode_trains_with_mirrored_strategy(tmp_path):
             "data.batch_size=4",
             "--set",
             "model.filters=8",
+            "--set",
+            "model.arch=advanced",
             "--set",
             "train.epochs=1",
             "--set",
@@ -162,6 +300,13 @@ def test_local_mode_trains_with_mirrored_strategy(tmp_path):
     assert result["replicas"] == 2 and result["global_batch"] == 8
     rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["lr"] == pytest.approx(2 * 5e-4)  # linear lr scaling with 2 replicas
+    # trained with synchronised BatchNorm on 2 replicas, saved for one: plain Keras loads it
+    import keras
+
+    model = keras.saving.load_model(Path(result["checkpoint"], "model.keras"), compile=False)
+    bns = [la for la in model.layers if isinstance(la, keras.layers.BatchNormalization)]
+    assert bns and not any(la.synchronized for la in bns)
+    assert model(np.zeros((1, 16, 16, 3), "float32")).shape == (1, 32, 32, 3)
 
 
 def _mwms_worker(config: dict) -> None:
@@ -177,8 +322,8 @@ def _mwms_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     strategy = train.pick_strategy()
     rank = ray.train.get_context().get_world_rank()
-    with strategy.scope():
-        model = models.build_unet(filters=8)
+    with strategy.scope():  # Advanced: BatchNorm, synchronised over the 2 workers' replicas
+        model = models.from_config(cfg.model, 2, replicas=strategy.num_replicas_in_sync)
         opt = train.make_optimizer(1e-3, "float32")
         opt.build(model.trainable_variables)
     global_batch = cfg.data.batch_size * strategy.num_replicas_in_sync
@@ -220,7 +365,9 @@ def test_multi_worker_mirrored_over_two_ray_workers(tmp_path):
     assert r0["mwms"] and r1["mwms"]
     assert r0["replicas"] == r1["replicas"] == 2
     assert r0["data"] != r1["data"]  # each worker reads its own shard of the data
-    assert r0["weights"] == r1["weights"]  # all-reduced gradients keep replicas identical
+    # all-reduced gradients and synchronised BatchNorm keep weights and moving statistics
+    # identical on both workers
+    assert r0["weights"] == r1["weights"]
     assert r0["losses"] == pytest.approx(r1["losses"])  # the reduced global loss
 
 
@@ -231,7 +378,9 @@ def _run_mwms(out: str) -> None:
 
     from srtrain.config import load_config, to_dict
 
-    cfg = load_config(None, ["data.patch_size=32", "data.batch_size=2"])
+    cfg = load_config(
+        None, ["data.patch_size=32", "data.batch_size=2", "model.arch=advanced", "model.filters=8"]
+    )
     ray.init(num_cpus=2, configure_logging=False)
     try:
         TensorflowTrainer(
@@ -249,5 +398,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     if sys.argv[1] == "mirrored":
         print(json.dumps(_mirrored_check()))
+    elif sys.argv[1] == "fp16":
+        print(json.dumps(_fp16_overflow_check()))
     elif sys.argv[1] == "mwms":
         _run_mwms(sys.argv[2])

@@ -172,10 +172,13 @@ def test_sigterm_then_resume_continues_from_the_last_checkpoint(s3, s3_env):
     last = snapshot["latest_checkpoint_result"]["metrics"]["step"]
     assert last in saved and last >= 10, (last, saved)
 
+    # the name is taken: without --resume the run is refused, in object storage too
+    refused = run_cli(args, s3_env)
+    assert refused.returncode == 2 and "run 'run' already exists" in refused.stderr
     p = run_cli([*args, "--resume"], s3_env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     out = p.stdout + p.stderr
-    assert "resumed from" in out
+    assert "resumed from" in out and "starting it" not in out
     resumed_step = int(out.split("resumed from", 1)[1].split("step ", 1)[1].split()[0])
     assert resumed_step == last  # continued from the last checkpoint, not from scratch
     result = _read_json(_fs(s3), f"{s3.bucket}/{prefix}/run/result.json")

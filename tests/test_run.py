@@ -80,6 +80,14 @@ def test_local_mode_trains_and_leaves_a_complete_run(tmp_path, arch):
     assert model(x).shape == (1, 32, 32, 3)
 
 
+def check_name_taken(p, run: str) -> None:
+    """The second start of a run name without --resume: exit 2, one line naming the run."""
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("srtrain.run:")]
+    assert len(errors) == 1 and f"run '{run}' already exists" in errors[0], p.stderr[-2000:]
+    assert "--resume continues it" in errors[0] and "Traceback" not in p.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "quality",
@@ -100,6 +108,14 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path, quality):
         "r",
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    config = (tmp_path / "r" / "config.yaml").read_bytes()
+    index = (tmp_path / "r" / "checkpoints" / "index.json").read_bytes()
+    # the same name again without --resume: refused, nothing of the run touched
+    p = run_cli(
+        "--local", *TINY, "--set", "train.epochs=2", "--output", str(tmp_path), "--name", "r"
+    )
+    check_name_taken(p, "r")
+    assert (tmp_path / "r" / "checkpoints" / "index.json").read_bytes() == index
     p = run_cli(
         "--local",
         *TINY,
@@ -127,6 +143,91 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path, quality):
         assert (
             tmp_path / "r" / "checkpoints" / "checkpoint_00000040" / "train_weights.npz"
         ).exists()
+    # the run keeps the config it started with; command.txt lists both commands that ran it
+    assert (tmp_path / "r" / "config.yaml").read_bytes() == config
+    commands = (tmp_path / "r" / "command.txt").read_text().splitlines()
+    assert len(commands) == 2 and commands[1].endswith("--resume")
+
+
+# Tiny enough to fail fast: the Ray-mode tests pay Ray's start-up for each command.
+SMALL = [
+    "--set", "data.patch_size=32", "--set", "data.val_patch_size=32", "--set", "data.batch_size=2",
+    "--set", "model.filters=8", "--set", "train.precision=fp32", "--set", "train.sample_images=0",
+    "--set", "train.steps_per_epoch=3",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_run_name_is_new_unless_resumed(tmp_path):
+    args = [*SMALL, "--output", str(tmp_path), "--name", "r"]
+    p = run_cli(*args, "--set", "train.epochs=1")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    config = (tmp_path / "r" / "config.yaml").read_bytes()
+    check_name_taken(run_cli(*args, "--set", "train.epochs=2"), "r")
+    p = run_cli(*args, "--set", "train.epochs=2", "--resume")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "at epoch 1, step 3" in p.stdout + p.stderr  # continued from the checkpoint
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["steps"] == 6 and result["epochs"] == 2
+    assert (tmp_path / "r" / "config.yaml").read_bytes() == config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_a_diverging_run_stops_within_an_epoch_with_one_line(tmp_path, mode):
+    p = run_cli(
+        *(["--local"] if mode == "local" else []),
+        *SMALL,
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.lr=1e6",
+        "--set",
+        "train.checkpoint_every_steps=1",
+        "--output",
+        str(tmp_path),
+        "--name",
+        "d",
+    )
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("srtrain.run:")]
+    assert len(errors) == 1, p.stderr[-3000:]
+    assert "training diverged" in errors[0] and "lower train.lr (it is 1e+06)" in errors[0]
+    assert "Traceback" not in p.stdout + p.stderr
+    assert "epoch 1/3" not in p.stdout + p.stderr  # stopped inside the first epoch
+    bad_step = int(errors[0].split(" at step ")[1].split(";")[0])
+    assert 1 < bad_step <= 3
+    # the checkpoints written before the loss went bad are kept
+    states = list((tmp_path / "d").rglob("checkpoint_*/state.json"))
+    assert states, sorted(str(x) for x in (tmp_path / "d").rglob("*"))
+    assert all(json.loads(x.read_text())["step"] < bad_step for x in states)
+
+
+def test_loss_meter_names_the_first_non_finite_step():
+    import tensorflow as tf
+
+    from srtrain.train import LossMeter, TrainingDiverged
+
+    meter = LossMeter()
+    for step, loss in [(1, 0.5), (2, 0.25)]:
+        meter.add(tf.constant(loss), step)
+    meter.check(lr=1e-3)
+    assert meter.mean() == pytest.approx(0.375)
+    for step, loss in [(3, 0.5), (4, float("inf")), (5, float("nan"))]:
+        meter.add(tf.constant(loss), step)
+    with pytest.raises(
+        TrainingDiverged, match=r"loss is inf at step 4; lower train.lr \(it is 0.001"
+    ):
+        meter.check(lr=1e-3)
+
+
+def test_summary_line_without_a_finite_validation_psnr():
+    from srtrain.run import summary_line
+
+    result = {"val_psnr": None, "bicubic_psnr": None, "val_ssim": None, "bicubic_ssim": None}
+    line = summary_line({**result, "steps": 3, "wall_seconds": 2.0, "checkpoint": None})
+    assert "no epoch gave a finite validation PSNR" in line and "3 steps" in line
 
 
 @pytest.mark.slow
@@ -195,3 +296,5 @@ def test_progress_line_flags_input_bound_epochs():
     line = _progress_line({**row, "input_wait": 0.3}, 5)
     assert "input-bound: 30% of step time waiting for data" in line
     assert "data.patches_per_image=2" in line and "\n" not in line
+    for option in ("degradation.on=replica", "data.decoded_cache", "scaling.cpus_per_worker"):
+        assert option in line

@@ -8,6 +8,7 @@ import os
 import re
 import tarfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,9 @@ from PIL import Image
 
 from srtrain import run
 from srtrain.data import __main__ as data_cli
-from srtrain.data import shards
+from srtrain.data import samples, shards
 from srtrain.storage import StorageError
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 REPO = Path(__file__).resolve().parents[1]
 
 # Planted bad files and the reason the manifest must give for each.
@@ -52,14 +52,27 @@ def plant_bad_files(root: Path) -> None:
     (root / "bad/tiny.png").write_bytes(encode(photo(100, 80), "PNG"))
 
 
+def plant_bundled_photos(root: Path, count: int) -> list[str]:
+    """Copies the first `count` photos that ship with scikit-image / scikit-learn into
+    root/photos, byte for byte (PNG and JPEG, colour and grayscale, 300 to 1,400 pixels a side),
+    and three photos too small to train on into root/small; returns the small ones' paths."""
+    (root / "photos").mkdir(parents=True, exist_ok=True)
+    for name, package, filename in samples.PHOTOS[:count]:
+        data = resources.files(package).joinpath(filename).read_bytes()
+        (root / "photos" / f"{name}{Path(filename).suffix}").write_bytes(data)
+    (root / "small").mkdir(exist_ok=True)
+    small = []
+    for i, (w, h) in enumerate(((200, 180), (255, 300), (300, 120))):
+        (root / "small" / f"{i}.png").write_bytes(encode(photo(w, h, seed=10 + i), "PNG"))
+        small.append(f"small/{i}.png")
+    return small
+
+
 def make_source(root: Path) -> Path:
-    """A small folder: real photos when ../shared is there, synthetic ones else, plus bad files."""
+    """A small folder of real and synthetic photos in every format the builder reads, plus
+    bad files."""
     root.mkdir(parents=True, exist_ok=True)
-    bsd = sorted((DATASETS / "bsd200").glob("*.png"))[:8]
-    t91 = sorted((DATASETS / "t91").glob("*.png"))[:3]
-    for p in bsd + t91:
-        (root / p.parent.name).mkdir(exist_ok=True)
-        (root / p.parent.name / p.name).write_bytes(p.read_bytes())
+    plant_bundled_photos(root, 8)
     (root / "synth").mkdir(exist_ok=True)
     (root / "synth/cmyk.jpg").write_bytes(encode(photo(300, 280, "CMYK", 1), "JPEG"))
     (root / "synth/gray.png").write_bytes(encode(photo(290, 300, "L", 2), "PNG"))
@@ -250,12 +263,18 @@ def test_missing_manifest_is_one_line(tmp_path, capsys):
     assert code == 2 and "no such folder, archive or glob" in err
 
 
-def test_assign_shards_disjoint_or_elementwise():
-    names = [f"train-{i:05d}.parquet" for i in range(5)]
-    parts = [shards.assign(names, i, 2) for i in range(2)]
-    assert parts[0] == (names[0::2], False) and parts[1] == (names[1::2], False)
-    assert shards.assign(names[:1], 1, 2) == (names[:1], True)
-    assert shards.assign(names, 0, 1) == (names, False)
+def test_deal_gives_equal_contiguous_shares_whatever_the_shard_count():
+    counts = [64, 64, 64]  # 3 shards for 2 pipelines: whole shards would be 2:1
+    assert shards.deal(counts, 0, 2) == [(0, 0, 64), (1, 0, 32)]
+    assert shards.deal(counts, 1, 2) == [(1, 32, 64), (2, 0, 64)]
+    for counts in ([5], [3, 40, 7, 1], [32] * 9 + [17]):
+        for count in (1, 2, 3, 8):
+            parts = [shards.deal(counts, i, count) for i in range(count)]
+            sizes = [sum(hi - lo for _, lo, hi in p) for p in parts]
+            assert sum(sizes) == sum(counts) and max(sizes) - min(sizes) <= 1
+            rows = [(s, r) for p in parts for s, lo, hi in p for r in range(lo, hi)]
+            assert len(set(rows)) == len(rows) == sum(counts)
+    assert shards.deal([10, 10], 1, 2, limit=6) == [(0, 3, 6)]
 
 
 # --- S3 (SeaweedFS) -----------------------------------------------------------------------------
@@ -289,6 +308,45 @@ def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_pa
     assert not (tmp_path / "cache" / "spool").exists()
     assert list(shards.read_shard(f"{dest}/{sh['name']}")) == rows
     assert not list((tmp_path / "cache" / "spool").iterdir())
+
+
+@pytest.mark.s3
+def test_shares_sizes_and_decoded_cache_from_s3(s3, s3_env, monkeypatch, tmp_path):
+    from srtrain import data
+    from srtrain.config import load_config
+
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(10):
+        photo(70 + 3 * i, 66 + i, seed=i).save(src / f"p{i}.png")
+    dest = f"s3://{s3.bucket}/datasets/shares"
+    with monkeypatch.context() as mp:
+        mp.setattr(shards, "ROW_GROUP", 2)
+        shards.build(
+            str(src),
+            dest,
+            split={"train": 1.0},
+            shard_size=40_000,
+            min_size=64,
+            workers=1,
+            progress=False,
+        )
+    for cache in ("false", "true"):
+        cfg = load_config(
+            None, [f"data.source={dest}", "data.patch_size=64", f"data.cache={cache}"]
+        )
+        parts = [shards.image_sizes(cfg, "train", i, 3) for i in range(3)]
+        assert [len(h) for h, _ in parts] in ([4, 3, 3], [3, 3, 4], [3, 4, 3])
+        sides = sorted((int(h), int(w)) for hs, ws in parts for h, w in zip(hs, ws, strict=True))
+        assert sides == sorted((66 + i, 70 + 3 * i) for i in range(10))
+        ids = [r["id"] for r in data.records(cfg, "train", 1, 3).as_numpy_iterator()]
+        assert len(ids) == len(parts[1][0])
+    cfg = load_config(None, [f"data.source={dest}", "data.patch_size=64", "data.decoded_cache=1"])
+    cache = data.decoded_cache(cfg, 0, 2)
+    need, n = data.decoded_cache_bytes(cfg, 0, 2)
+    assert cache.pixels.size == need and len(cache.offsets) == n == 5
 
 
 @pytest.mark.s3
@@ -341,16 +399,9 @@ logging.getLogger("srtrain.data").setLevel(logging.INFO)
 @pytest.mark.s3
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, monkeypatch):
-    if not (DATASETS / "bsd200").is_dir():
-        pytest.skip(f"{DATASETS} is absent")
+def test_two_ray_workers_train_from_s3_on_equal_shares(s3, s3_env, tmp_path, monkeypatch):
     src = tmp_path / "src"
-    (src / "bsd200").mkdir(parents=True)
-    for p in sorted((DATASETS / "bsd200").glob("*.png"))[:12]:
-        (src / "bsd200" / p.name).write_bytes(p.read_bytes())
-    (src / "t91").mkdir()
-    for p in sorted((DATASETS / "t91").glob("*.png"))[:3]:
-        (src / "t91" / p.name).write_bytes(p.read_bytes())
+    small = plant_bundled_photos(src, 12)
     plant_bad_files(src)
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
@@ -366,10 +417,7 @@ def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, 
     reasons = {s["path"]: s["reason"] for s in m["skipped"]}
     for path, why in PLANTED.items():
         assert reasons[path].startswith(why)
-    assert all(
-        reasons[f"t91/{p.name}"].startswith("too small")
-        for p in sorted((DATASETS / "t91").glob("*.png"))[:3]
-    )
+    assert all(reasons[path].startswith("too small") for path in small)
     assert len(m["splits"]["train"]["shards"]) >= 2
 
     # Ray workers inherit the environment: S3 settings, and INFO logs of srtrain.data on stderr.
@@ -403,11 +451,12 @@ def test_two_ray_workers_train_from_s3_on_disjoint_shards(s3, s3_env, tmp_path, 
     assert p.returncode == 0, out[-4000:]
     reads = {}
     for line in out.splitlines():
-        hit = re.search(r"pipeline (\d)/2 reads shards: (\S+)", line)
+        hit = re.search(r"pipeline (\d)/2 reads (\d+) of (\d+) train images: (\S+)", line)
         if hit:
-            reads[int(hit.group(1))] = set(hit.group(2).split(","))
+            reads[int(hit.group(1))] = (int(hit.group(2)), hit.group(4).split(","))
     assert set(reads) == {0, 1}, out[-4000:]
-    assert not reads[0] & reads[1]
+    total = m["splits"]["train"]["images"]
+    assert sorted(n for n, _ in reads.values()) == [total // 2, total - total // 2]
     train_shards = {s["name"] for s in m["splits"]["train"]["shards"]}
-    assert reads[0] | reads[1] == train_shards
+    assert {p.split("[")[0] for _, parts in reads.values() for p in parts} == train_shards
     assert (tmp_path / "runs" / "e2e" / "result.json").exists()

@@ -112,7 +112,107 @@ def test_unreachable_endpoint_fails_within_a_minute(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     monkeypatch.setattr(storage.time, "sleep", lambda s: None)
     t0 = time.monotonic()
-    with pytest.raises(StorageError, match=r"^s3://b/manifest.json: cannot reach the endpoint"):
-        storage.read_bytes("s3://b/manifest.json")
+    # The digits in the key are a date and a step, not HTTP statuses.
+    uri = "s3://b/runs/base-20260403-101500/checkpoint_00500/model.keras"
+    with pytest.raises(StorageError, match=rf"^{uri}: cannot reach the endpoint"):
+        storage.read_bytes(uri)
     assert time.monotonic() - t0 < 60
     assert isinstance(storage.s3_filesystem(), pafs.S3FileSystem)
+
+
+# Messages exactly as pyarrow 26 raised them against SeaweedFS (and an unreachable endpoint),
+# under keys whose digits the old classifier mistook for HTTP statuses; the last three follow
+# pyarrow's format for errors SeaweedFS cannot be made to return.
+REAL_MESSAGES = [
+    (
+        FileNotFoundError,
+        "[Errno 2] Path does not exist 'bkt/run-0403-x/checkpoint_00500/missing'. "
+        "Detail: [errno 2] No such file or directory",
+        "not found",
+        False,
+    ),
+    (
+        OSError,
+        "When reading information for key 'run-0404-x/ok.bin' in bucket 'bkt': AWS Error "
+        "ACCESS_DENIED during HeadObject operation: No response body.",
+        "access denied",
+        False,
+    ),
+    (
+        OSError,
+        "When listing objects under key 'runs/checkpoint_00500/' in bucket 'bkt': AWS Error "
+        "SIGNATURE_DOES_NOT_MATCH during ListObjectsV2 operation: The request signature we "
+        "calculated does not match the signature you provided. Check your key and signing "
+        "method. (Request ID: 18EE1653C0236846368D0BEB)",
+        "access denied",
+        False,
+    ),
+    (
+        OSError,
+        "When initiating multiple part upload for key 'run-0500-x/w.bin' in bucket 'bkt': AWS "
+        "Error INVALID_ACCESS_KEY_ID during CreateMultipartUpload operation: The access key ID "
+        "you provided does not exist in our records. (Request ID: 18EE1653C05255DB53C8B5C2)",
+        "access denied",
+        False,
+    ),
+    (
+        OSError,
+        "When reading information for key 'runs/base-20260403-1015/checkpoint_00500/model.keras'"
+        " in bucket 'bkt': AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: "
+        "7, Could not connect to server; Details: Failed to connect to 127.0.0.1:48029 after 0 "
+        "ms: Could not connect to server",
+        "cannot reach the endpoint",
+        True,
+    ),
+    (
+        OSError,
+        "When reading from key 'runs/base-0403/shard-00404.parquet' in bucket 'bkt': AWS Error "
+        "NETWORK_CONNECTION during GetObject operation: curlCode: 28, Timeout was reached",
+        "cannot reach the endpoint",
+        True,
+    ),
+    (
+        OSError,
+        "When reading from key 'runs/base-0403/x' in bucket 'bkt': AWS Error SLOW_DOWN during "
+        "GetObject operation: Please reduce your request rate.",
+        "cannot reach the endpoint",
+        True,
+    ),
+    (
+        OSError,
+        "When reading from key 'checkpoint_00500/x' in bucket 'bkt': AWS Error UNKNOWN (HTTP "
+        "status 403) during GetObject operation: Forbidden",
+        "access denied",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(("error", "text", "reason", "transient"), REAL_MESSAGES)
+def test_errors_are_classified_by_code_not_by_digits_in_the_key(error, text, reason, transient):
+    err = error(text)
+    assert storage._reason(err).startswith(reason)
+    assert storage._transient(err) is transient
+
+
+@pytest.mark.s3
+def test_s3_failures_on_keys_with_status_like_digits(s3, s3_env, monkeypatch):
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
+    sleeps = []
+    monkeypatch.setattr(storage.time, "sleep", sleeps.append)
+    base = f"s3://{s3.bucket}/runs/base-20260403-101500"
+    storage.write_bytes(f"{base}/checkpoint_00404/x.bin", b"hello")
+
+    with pytest.raises(StorageError, match=rf"^{base}/checkpoint_00403/model.keras: not found$"):
+        storage.read_bytes(f"{base}/checkpoint_00403/model.keras")
+
+    # A wrong secret is refused at once, whatever digits the key holds: no retries.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match=rf"^{base}/checkpoint_00404/x.bin: access denied"):
+        storage.read_bytes(f"{base}/checkpoint_00404/x.bin")
+    with pytest.raises(StorageError, match=rf"^{base}/checkpoint_00500/y.bin: access denied"):
+        storage.write_bytes(f"{base}/checkpoint_00500/y.bin", b"x")
+    with pytest.raises(StorageError, match=rf"^{base}/checkpoint_00500: access denied"):
+        storage.list_files(f"{base}/checkpoint_00500")
+    assert sleeps == []

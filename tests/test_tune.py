@@ -182,6 +182,18 @@ def test_the_cli_exits_2_with_one_line_naming_the_key(tmp_path, args, key):
     assert "Traceback" not in p.stderr and not any(tmp_path.iterdir())
 
 
+def test_an_existing_search_name_without_resume_exits_2_naming_it(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "tuner.pkl").write_bytes(b"old")
+    p = cli("--output", str(tmp_path), "--name", "s")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip() == (
+        f"tune.search: error: search 's' already exists in {tmp_path}: --resume continues it, "
+        "or choose another --name"
+    )
+    assert (tmp_path / "s" / "tuner.pkl").read_bytes() == b"old"
+
+
 def test_concurrent_trials_fit_the_cluster_and_honour_the_job():
     assert concurrent_trials({"CPU": 1}, {"CPU": 2.0}, 0) == 2
     assert concurrent_trials({"CPU": 1}, {"CPU": 8.0}, 3) == 3

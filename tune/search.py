@@ -299,6 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         search_dir = storage.join(cfg.run.storage, name)
         if not storage.is_s3(search_dir):
             search_dir = str(Path(search_dir).resolve())
+        # A name means one search, as for srtrain.run: new unless --resume, which starts it
+        # when it does not exist yet (a Kubernetes retry).
+        exists = storage.exists(search_dir, cfg.data.endpoint_url, cfg.data.region)
+        if exists and not args.resume:
+            raise ConfigError(
+                f"search {name!r} already exists in {cfg.run.storage}: --resume continues it, "
+                "or choose another --name"
+            )
+        if args.resume and not exists:
+            print(f"--resume: no search {name!r} under {cfg.run.storage} yet; starting it")
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -309,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     resuming = args.resume and storage.exists(
         storage.join(search_dir, "tuner.pkl"), cfg.data.endpoint_url, cfg.data.region
     )
-    if args.resume and not resuming:
-        # A Kubernetes retry's first attempt, or --resume before anything was saved: start it.
-        print(f"--resume: no search {name!r} under {cfg.run.storage} yet; starting it", flush=True)
+    if exists and args.resume and not resuming:
+        # Stopped before Tune saved its state (a Kubernetes retry of an early failure).
+        print(f"--resume: search {name!r} holds no Tune state yet; starting it", flush=True)
 
     start_ray()
     need = trial_resources(cfg)
@@ -319,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         concurrent = concurrent_trials(need, capacity, settings.max_concurrent_trials)
         tuner = build_tuner(
-            cfg, settings, search_dir, name=name, concurrent=concurrent, resume=args.resume
+            cfg,
+            settings,
+            search_dir,
+            name=name,
+            concurrent=concurrent,
+            resume=resuming,
         )
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

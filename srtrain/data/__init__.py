@@ -12,26 +12,51 @@ Each function is usable on its own (tests call them one by one) and inside a pip
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from srtrain import degrade as degrade_ops
-from srtrain.config import Config
+from srtrain.config import Config, ConfigError
 from srtrain.data import samples
+from srtrain.storage import StorageError
+
+try:  # blocked transposes and flips at memcpy speed for the decoded cache; numpy otherwise
+    import cv2
+except ImportError:  # pragma: no cover
+    cv2 = None
 
 log = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
 
 
 def records(
-    cfg: Config, split: str, index: int = 0, count: int = 1, min_size: int = 0
+    cfg: Config,
+    split: str,
+    index: int = 0,
+    count: int = 1,
+    min_size: int = 0,
+    *,
+    seed: int | None = None,
+    start_pass: int = 0,
+    limit: int = 0,
 ) -> tf.data.Dataset:
     """Records of one split, the part `index` of `count` input pipelines reads.
 
-    A shard source leaves out images with a side below `min_size` before they reach tf.data
-    (their sizes are in the shard); the sample photos' sizes are known only once decoded.
+    A shard source gives every pipeline an equal share of the images whatever the shard count
+    (`shards.deal`), reads only that share, and leaves out images with a side below `min_size`
+    before they reach tf.data (their sizes are in the shard); with `seed` it reads endless passes
+    from `start_pass` on, in a new shard and row-group order each pass (`shards.records`). The
+    sample photos' sizes are known only once decoded; they are few, and read once.
+    `limit` > 0: only the split's first `limit` images are shared out.
     """
     source = cfg.data.source
     if source == "samples":
@@ -39,10 +64,13 @@ def records(
         ds = tf.data.Dataset.from_tensor_slices(
             {"id": [i for i, _ in items], "image": [b for _, b in items]}
         )
+        ds = ds.take(limit) if limit > 0 else ds
         return ds.shard(count, index) if count > 1 else ds
     from srtrain.data import shards  # pyarrow only when used
 
-    return shards.records(cfg, split, index, count, min_size)
+    return shards.records(
+        cfg, split, index, count, min_size, seed=seed, start_pass=start_pass, limit=limit
+    )
 
 
 def decode(image: tf.Tensor) -> tf.Tensor:
@@ -203,6 +231,9 @@ def gaussian_noise(shape: tf.Tensor, seed: tf.Tensor, stddev: float) -> tf.Tenso
 def degrade_batch(hr: tf.Tensor, seeds: tf.Tensor, cfg: Config) -> tuple[tf.Tensor, tf.Tensor]:
     """(B, H, W, 3) uint8 patches -> (lr, hr) float batches, one op call for the whole batch.
 
+    Runs at the end of `train_dataset` (degradation.on: input) or, unchanged, inside the train
+    step on the replica's device (replica): either way the same seeds give the same LR.
+
     The same degradation as `srtrain.degrade.degrade` (area down, blur, Gaussian noise, clip);
     the noise of a batch comes from its first element's seed, so every element still gets
     fresh independent noise and the batch is reproducible.
@@ -229,26 +260,36 @@ def train_dataset(
     count: int = 1,
     seed: int | None = None,
     batch_size: int | None = None,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
-    """Endless (lr, hr) batches for input pipeline `index` of `count`.
+    """Endless (lr, hr) batches for input pipeline `index` of `count`; with
+    `degradation.on: replica`, (hr, seeds) batches instead, uint8 patches and their int64 seeds,
+    which `degrade_batch` turns into the same (lr, hr) inside the train step.
 
-    `seed` (default train.seed) should differ between pipelines and between resumptions so no
-    two of them replay the same sample stream. Shard records are shuffled while still encoded
-    and only the random patch is decoded; degradation runs once per batch. With
+    `seed` (default train.seed) should differ between pipelines so no two of them replay the
+    same sample stream. `start_batch`: batches this pipeline delivered before (a resumed run,
+    with the interrupted run's seed): the stream continues where it stopped, in the same pass of
+    the data; see `_resume_point` for what is exact and what it costs.
+
+    Every pipeline reads an equal share of the images (`records`) and each pass over its share
+    reads the shards and row groups in a new order. Shard records are shuffled while still
+    encoded and only the random patch is decoded; degradation runs once per batch. With
     `data.patches_per_image` k > 1, each group of batch_size photos is decoded once and gives k
     batches (each photo once per batch), shuffled among a few batches so that siblings are
-    usually not consecutive.
+    usually not consecutive. With `data.decoded_cache` the share is decoded once into memory
+    and patches are cut from it (`cached_batches`).
     """
     size = cfg.data.patch_size
     batch = batch_size or cfg.data.batch_size
     seed = cfg.train.seed if seed is None else seed
     k = cfg.data.patches_per_image
-    ds = records(cfg, cfg.data.train_split, index, count, min_size=size)
     if cfg.data.source == "samples":
         # A few photos: decode them once and keep them decoded.
+        ds = records(cfg, cfg.data.train_split, index, count)
         ds = ds.map(lambda r: decode(r["image"]), num_parallel_calls=AUTOTUNE)
         ds = ds.filter(lambda img: big_enough(img, size)).cache()
-        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate()
+        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
+        ds = ds.enumerate(start_batch * batch)
 
         def patch(i, img):
             s = element_seed(seed, i)
@@ -256,8 +297,11 @@ def train_dataset(
 
         ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)
         ds = ds.batch(batch, drop_remainder=True)
+    elif cfg.data.decoded_cache is not False and (cache := decoded_cache(cfg, index, count)):
+        ds = cached_batches(cache, size, batch, seed, start_batch)
     elif k == 1:
-        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate()
+        ds = _resumed_records(cfg, index, count, seed, start_batch * batch)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate(start_batch * batch)
 
         def patch(i, r):
             s = element_seed(seed, i)
@@ -267,8 +311,10 @@ def train_dataset(
         ds = ds.map(patch, num_parallel_calls=AUTOTUNE, deterministic=True)  # (size, size, 3)
         ds = ds.batch(batch, drop_remainder=True)
     else:
-        ds = ds.repeat().shuffle(cfg.data.shuffle_buffer, seed=seed)
-        ds = ds.batch(batch, drop_remainder=True).enumerate()
+        groups = start_batch // k  # groups of `batch` records already turned into patches
+        ds = _resumed_records(cfg, index, count, seed, groups * batch)
+        ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed)
+        ds = ds.batch(batch, drop_remainder=True).enumerate(groups)
 
         def patch_batches(n, r):  # `batch` records -> k batches of patches, (k, batch, ...)
             s_patch, s_noise = tf.unstack(
@@ -284,10 +330,291 @@ def train_dataset(
 
         ds = ds.map(patch_batches, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
         ds = ds.shuffle(4 * k, seed=seed + 1)
-    ds = ds.map(
-        lambda hr, s: degrade_batch(hr, s, cfg), num_parallel_calls=AUTOTUNE, deterministic=True
-    )
+    # (hr, seeds): (B, size, size, 3) uint8, (B, 2) int64
+    if cfg.degradation.on == "input":
+        ds = ds.map(
+            lambda hr, s: degrade_batch(hr, s, cfg), num_parallel_calls=AUTOTUNE, deterministic=True
+        )
+    # else degradation.on == "replica": the train step runs degrade_batch on its device
     return ds.prefetch(AUTOTUNE).with_options(_options())
+
+
+def _resumed_records(
+    cfg: Config, index: int, count: int, seed: int, position: int
+) -> tf.data.Dataset:
+    """Endless training records of a shard source, from record `position` of the stream on.
+
+    A pass is the pipeline's share once, so `position` falls in pass position // share at
+    offset position % share: reading starts at that pass (in that pass's order) and skips the
+    records before the offset, reading their bytes but decoding nothing (at most one pass of the
+    share is read for nothing). The images the interrupted pass had not reached come next; the
+    exact order differs from an uninterrupted run only within the shuffle buffer (its content is
+    not restored; with a buffer of 1 the continuation is exact) and, with patches_per_image k > 1,
+    within the shuffle of 4 k batches after the patches.
+    """
+    size = cfg.data.patch_size
+    if position <= 0:
+        return records(cfg, cfg.data.train_split, index, count, size, seed=seed)
+    from srtrain.data import shards
+
+    h, w = shards.image_sizes(cfg, cfg.data.train_split, index, count)
+    share = int(np.sum(np.minimum(h, w) >= size))
+    if share == 0:
+        raise ConfigError(f"data.patch_size: no training image of {cfg.data.source} is that big")
+    ds = records(
+        cfg, cfg.data.train_split, index, count, size, seed=seed, start_pass=position // share
+    )
+    return ds.skip(position % share)
+
+
+# --- decoded-image cache ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodedCache:
+    """A pipeline's share of the training images, decoded: image i is
+    pixels[offsets[i] : offsets[i] + heights[i] * widths[i] * 3] in (H, W, 3) order."""
+
+    pixels: np.ndarray  # uint8, flat
+    offsets: np.ndarray  # int64
+    heights: np.ndarray  # int64
+    widths: np.ndarray  # int64
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable, capped by the cgroup's limit less
+    its usage (cgroup v2 memory.max, or v1 memory.limit_in_bytes)."""
+    out = 2**62
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                out = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            where = Path("/sys/fs/cgroup", path.lstrip("/"))
+            limit, usage = where / "memory.max", where / "memory.current"
+        elif "memory" in controllers.split(","):
+            where = Path("/sys/fs/cgroup/memory", path.lstrip("/"))
+            limit, usage = where / "memory.limit_in_bytes", where / "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            cap = limit.read_text().strip()
+            if cap != "max" and int(cap) < 2**60:
+                out = min(out, int(cap) - int(usage.read_text()))
+        except (OSError, ValueError):
+            pass
+    return max(out, 0)
+
+
+def decoded_cache_bytes(cfg: Config, index: int = 0, count: int = 1) -> tuple[int, int]:
+    """(bytes, images) of the decoded cache of input pipeline `index` of `count`: its share of
+    the training images big enough for a patch, at height x width x 3 bytes each (from the shard
+    columns; no image is read)."""
+    from srtrain.data import shards
+
+    h, w = shards.image_sizes(cfg, cfg.data.train_split, index, count)
+    keep = np.minimum(h, w) >= cfg.data.patch_size
+    return int(np.sum(h[keep] * w[keep] * 3)), int(np.sum(keep))
+
+
+# Kept free besides the cache: TensorFlow, the model, batches in flight.
+MEMORY_MARGIN = 512 * 2**20
+
+
+def decoded_cache(cfg: Config, index: int = 0, count: int = 1) -> DecodedCache | None:
+    """The decoded cache of pipeline `index` of `count`, or None to read shards as usual.
+
+    The memory it needs is checked before filling against `available_memory()` less 10% and
+    MEMORY_MARGIN, and against a GB cap: `data.decoded_cache: true` falls back to window decoding
+    with a warning when it does not fit; a cap in GB fails with one line (ConfigError).
+    """
+    option = cfg.data.decoded_cache
+    if cfg.data.source == "samples" or option is False:
+        return None
+    need, n = decoded_cache_bytes(cfg, index, count)
+    free = available_memory()
+    usable = max(0, int(free * 0.9) - MEMORY_MARGIN)
+    cap = usable if option is True else min(usable, int(option * 1e9))
+    if need > cap:
+        why = (
+            f"the cap is {option:g} GB"
+            if option is not True and option * 1e9 < usable
+            else f"this worker has {usable / 1e9:.3g} GB available "
+            f"({free / 1e9:.3g} GB free less a margin)"
+        )
+        text = (
+            f"data.decoded_cache needs {need / 1e9:.3g} GB for {n:,} images, {why}; "
+            f"set data.decoded_cache=false or use more workers"
+        )
+        if option is True:
+            log.warning("%s; decoding patch windows instead (pipeline %d/%d)", text, index, count)
+            return None
+        raise ConfigError(text)
+    t0 = time.perf_counter()
+    cache = fill_cache(cfg, index, count, need, n)
+    log.info(
+        "pipeline %d/%d: decoded %d images into %.2f GB in %.1f s",
+        index,
+        count,
+        n,
+        need / 1e9,
+        time.perf_counter() - t0,
+    )
+    return cache
+
+
+def fill_cache(cfg: Config, index: int, count: int, need: int, n: int) -> DecodedCache:
+    """Decodes the pipeline's share once (one pass, decodes in parallel on its CPUs)."""
+    size = cfg.data.patch_size
+    ds = records(cfg, cfg.data.train_split, index, count, size)
+    ds = ds.map(lambda r: decode(r["image"]), num_parallel_calls=AUTOTUNE, deterministic=False)
+    ds = ds.prefetch(AUTOTUNE).with_options(_options())
+    pixels = np.empty(need, np.uint8)
+    offsets, heights, widths, at = [], [], [], 0
+    for img in ds.as_numpy_iterator():  # (H, W, 3)
+        h, w, _ = img.shape
+        if at + img.size > need or len(offsets) >= n:
+            raise StorageError(f"{cfg.data.source}: an image is bigger than its shard columns say")
+        pixels[at : at + img.size] = img.reshape(-1)
+        offsets.append(at)
+        heights.append(h)
+        widths.append(w)
+        at += img.size
+    return DecodedCache(pixels, *(np.array(v, np.int64) for v in (offsets, heights, widths)))
+
+
+def _put_dihedral(src: np.ndarray, code: int, dst: np.ndarray) -> None:
+    """dst = one of the 8 flips and rotations of square src, as `random_dihedral` composes them:
+    transpose (code & 4), then reverse the row order (code & 2), then each row (code & 1).
+    OpenCV's transpose and flip run blocked, without the GIL, at memcpy speed."""
+    if cv2 is None:
+        x = src.transpose(1, 0, 2) if code & 4 else src
+        x = x[::-1] if code & 2 else x
+        np.copyto(dst, x[:, ::-1] if code & 1 else x)
+        return
+    flip = {1: 1, 2: 0, 3: -1}.get(code & 3)
+    if code & 4:
+        cv2.transpose(src, dst=dst)
+        if flip is not None:
+            cv2.flip(dst, flip, dst=dst)
+    elif flip is not None:
+        cv2.flip(src, flip, dst=dst)
+    else:
+        np.copyto(dst, src)
+
+
+class _Busy:
+    """Counts the cache generators now cutting a batch (inside a tf.data thread's Python call)."""
+
+    def __init__(self) -> None:
+        self.lock, self.count = threading.Lock(), 0
+
+    def __enter__(self) -> None:
+        with self.lock:
+            self.count += 1
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            self.count -= 1
+
+
+_BUSY, _EXITING = _Busy(), threading.Event()
+
+
+@atexit.register
+def _stop_cache_generators() -> None:
+    # A tf.data thread that is inside a generator when the interpreter finalises is killed with
+    # pthread_exit, which aborts the process ("terminate called without an active exception",
+    # exit code 134). Cache generators run non-stop, so end them first: each finishes its batch
+    # and ends its stream.
+    _EXITING.set()
+    deadline = time.monotonic() + 10
+    while _BUSY.count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the calls that end the streams
+
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised uint8 array at a 64-byte aligned address: TensorFlow takes it over as a
+    tensor without copying (from_generator copies any other; that copy cost as much as cutting
+    the patches)."""
+    n = int(np.prod(shape))
+    raw = np.empty(n + 64, np.uint8)
+    at = -raw.ctypes.data % 64
+    return raw[at : at + n].reshape(shape)
+
+
+def cache_batch(cache: DecodedCache, size: int, batch: int, seed: int, n: int) -> np.ndarray:
+    """Batch `n` of patches cut from the cache: (batch, size, size, 3) uint8.
+
+    Each patch: a uniformly random image, a uniformly random size x size window of it, one of
+    the 8 flips and rotations uniformly; all drawn from Philox keyed by (seed, n) alone, so any
+    batch can be made again, and in any order.
+    """
+    rng = np.random.Generator(np.random.Philox(key=[seed % 2**64, n % 2**64]))
+    image = rng.integers(0, len(cache.offsets), batch)
+    h, w = cache.heights[image], cache.widths[image]
+    u = rng.random((2, batch))  # floor(u * n) is uniform on 0..n-1
+    top = np.minimum((u[0] * (h - size + 1)).astype(np.int64), h - size)
+    left = np.minimum((u[1] * (w - size + 1)).astype(np.int64), w - size)
+    code = rng.integers(0, 8, batch)
+    out = _aligned_empty((batch, size, size, 3))
+    for j in range(batch):
+        i = image[j]
+        img = cache.pixels[cache.offsets[i] : cache.offsets[i] + h[j] * w[j] * 3]
+        img = img.reshape(h[j], w[j], 3)
+        _put_dihedral(img[top[j] : top[j] + size, left[j] : left[j] + size], code[j], out[j])
+    return out
+
+
+def cached_batches(
+    cache: DecodedCache, size: int, batch: int, seed: int, start_batch: int = 0
+) -> tf.data.Dataset:
+    """Endless (hr uint8 (B, S, S, 3), seeds (B, 2) int64) batches cut from a decoded cache:
+    what the other training branches give the degradation, batch n from (seed, n) alone.
+
+    A few Python generators (one per CPU, up to 4) make interleaved batches in parallel; the
+    copies inside run without the GIL. One tf.data element per batch, never per patch.
+    """
+    workers = max(1, min(4, len(os.sched_getaffinity(0))))
+
+    @tf.autograph.experimental.do_not_convert  # a Python generator: nothing to convert
+    def stream(j: tf.Tensor) -> tf.data.Dataset:
+        def gen(j: int):
+            n = start_batch + int(j)
+            while not _EXITING.is_set():
+                with _BUSY:
+                    hr = cache_batch(cache, size, batch, seed, n)
+                yield n, hr
+                n += workers
+
+        spec = (
+            tf.TensorSpec([], tf.int64),
+            tf.TensorSpec([batch, size, size, 3], tf.uint8),
+        )
+        return tf.data.Dataset.from_generator(gen, output_signature=spec, args=(j,))
+
+    ds = tf.data.Dataset.range(workers).interleave(
+        stream,
+        cycle_length=workers,
+        block_length=1,
+        num_parallel_calls=workers,
+        deterministic=True,
+    )
+
+    def with_seeds(n, hr):
+        # The noise seeds of batch n: unrelated to the crop draws (Philox vs fold_in).
+        return hr, tf.random.experimental.stateless_split(element_seed(seed, n), batch)
+
+    return ds.map(with_seeds)
 
 
 def eval_dataset(
@@ -297,15 +624,20 @@ def eval_dataset(
     count: int = 1,
     batch_size: int | None = None,
 ) -> tf.data.Dataset:
-    """Deterministic (id, lr, hr) batches of center crops, for validation and testing."""
+    """Deterministic (id, lr, hr) batches of center crops, for validation and testing.
+
+    Pipeline `index` of `count` reads only its part of the split (of the first
+    `data.val_images` images when that is set): parts are disjoint and together the whole.
+    """
     split = split or cfg.data.val_split
     size = cfg.data.val_patch_size or cfg.data.patch_size
-    ds = records(cfg, split, min_size=size)
     if cfg.data.source == "samples":
+        ds = records(cfg, split)
         ds = ds.filter(lambda r: tf.reduce_all(tf.stack(image_shape(r)) >= size))
-    if cfg.data.val_images:
-        ds = ds.take(cfg.data.val_images)
-    ds = ds.shard(count, index) if count > 1 else ds
+        ds = ds.take(cfg.data.val_images) if cfg.data.val_images else ds
+        ds = ds.shard(count, index) if count > 1 else ds
+    else:
+        ds = records(cfg, split, index, count, min_size=size, limit=cfg.data.val_images)
 
     def make_pair(r):
         # Full decode (not decode_and_crop_jpeg): evaluation pixels match any other decoder's,

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -498,23 +499,31 @@ def read_shard_blocks(
     cache_key: str = "",
     columns: tuple[str, ...] = ("id", "image", "height", "width"),
     size: int = 0,
+    rows: tuple[int, int] | None = None,
+    order_seed: list[int] | None = None,
 ) -> Iterator[tuple[list, ...]]:
-    """One shard, one row group at a time: [column values...] per block of ROW_GROUP rows.
+    """One shard, one row group at a time: [column values...] per block of up to ROW_GROUP rows.
+
+    `rows` (first, end) limits the read to those rows of the shard (row groups outside it are
+    not read); `order_seed` reads the row groups in an order shuffled by it, else in file order.
 
     An S3 shard arrives with one GET (retried with backoff on transient errors). Without
     `cache_key`, a shard of known `size` up to IN_MEMORY_MAX is read from memory; any other is
     copied to a local file first: with `cache_key` (the shard checksum) the copy stays in the cache
-    directory for later epochs, else it is deleted after the pass. A transient error on a local
-    read resumes at the first row group not yet delivered.
+    directory for later epochs, else it is deleted after the pass. Reads without the image
+    column (sizes, ids) use ranged requests and copy nothing. A transient error on a local read
+    resumes at the first row group not yet delivered.
     """
-    if storage.is_s3(uri) and not cache_key and 0 < size <= IN_MEMORY_MAX:
+    plan = dict(rows=rows, order_seed=order_seed)
+    small = "image" not in columns
+    if storage.is_s3(uri) and not small and not cache_key and 0 < size <= IN_MEMORY_MAX:
         # A sized read in memory costs the client about 40% of the CPU of a spool to disk and
         # back, and the server no more than one streaming GET; ranged requests per row group
         # cost the server more (measured on SeaweedFS).
         data = storage.read_bytes(uri, endpoint_url, region)
-        yield from _row_groups(pq.ParquetFile(pa.BufferReader(data)), columns)
+        yield from _row_groups(pq.ParquetFile(pa.BufferReader(data)), columns, **plan)
         return
-    if storage.is_s3(uri):
+    if storage.is_s3(uri) and not small:
         local = cache_dir() / (f"{cache_key}.parquet" if cache_key else "spool")
         if not cache_key:
             local.mkdir(parents=True, exist_ok=True)
@@ -524,7 +533,7 @@ def read_shard_blocks(
         try:
             if not cache_key or not local.exists():
                 storage.download(uri, local, endpoint_url, region)
-            yield from read_shard_blocks(str(local), columns=columns)
+            yield from read_shard_blocks(str(local), columns=columns, **plan)
         finally:
             if not cache_key:
                 local.unlink(missing_ok=True)
@@ -535,7 +544,8 @@ def read_shard_blocks(
         try:
             with fs.open_input_file(path) as f:
                 # pre_buffer: one coalesced range request per row group, not one per column page.
-                for block in _row_groups(pq.ParquetFile(f, pre_buffer=True), columns, done):
+                pf = pq.ParquetFile(f, pre_buffer=True)
+                for block in _row_groups(pf, columns, start=done, **plan):
                     yield block
                     done += 1
             return
@@ -549,27 +559,48 @@ def read_shard_blocks(
 
 
 def _row_groups(
-    pf: pq.ParquetFile, columns: tuple[str, ...], start: int = 0
+    pf: pq.ParquetFile,
+    columns: tuple[str, ...],
+    rows: tuple[int, int] | None = None,
+    order_seed: list[int] | None = None,
+    start: int = 0,
 ) -> Iterator[tuple[list, ...]]:
-    for g in range(start, pf.num_row_groups):
-        table = pf.read_row_group(g, columns=list(columns))
+    first, end = rows or (0, pf.metadata.num_rows)
+    plan, base = [], 0  # (row group, first row in it, end row in it)
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        lo, hi = max(first, base), min(end, base + n)
+        if lo < hi:
+            plan.append((g, lo - base, hi - base))
+        base += n
+    if order_seed is not None:
+        plan = [plan[i] for i in np.random.default_rng(order_seed).permutation(len(plan))]
+    for g, lo, hi in plan[start:]:
+        table = pf.read_row_group(g, columns=list(columns)).slice(lo, hi - lo)
         yield tuple(table.column(c).to_pylist() for c in columns)
 
 
-def assign(names: list[str], index: int, count: int) -> tuple[list[str], bool]:
-    """(shards input pipeline `index` of `count` reads, element-wise?) - disjoint when possible."""
-    if count <= 1:
-        return list(names), False
-    if len(names) >= count:
-        return names[index::count], False
-    return list(names), True
+def deal(counts: list[int], index: int, count: int, limit: int = 0) -> list[tuple[int, int, int]]:
+    """The rows input pipeline `index` of `count` reads: [(shard position, first row, end row)].
+
+    The shards' rows, taken in manifest order (the first `limit` of them when limit > 0), are cut
+    into `count` contiguous ranges whose lengths differ by at most one row, whatever the number of
+    shards: every pipeline gets an equal share of the images. A shard cut by a range boundary is
+    read in part by both neighbours (only the row groups each needs).
+    """
+    total = sum(counts) if limit <= 0 else min(sum(counts), limit)
+    first, end = index * total // count, (index + 1) * total // count
+    out, base = [], 0
+    for i, n in enumerate(counts):
+        lo, hi = max(first, base), min(end, base + n)
+        if lo < hi:
+            out.append((i, lo - base, hi - base))
+        base += n
+    return out
 
 
-def records(cfg, split: str, index: int = 0, count: int = 1, min_size: int = 0):
-    """tf.data records {id, image, height, width} of a split of the shard dataset `data.source`,
-    without images that have a side below `min_size`."""
-    import tensorflow as tf
-
+def _share(cfg, split: str, index: int, count: int, limit: int) -> tuple[list[dict], list[tuple]]:
+    """(the split's shard entries, the rows this pipeline reads as `deal` gives them)."""
     from srtrain.config import ConfigError
 
     d = cfg.data
@@ -588,21 +619,70 @@ def records(cfg, split: str, index: int = 0, count: int = 1, min_size: int = 0):
                 f"{storage.join(d.source, sh['name'])}: shard listed in the "
                 "manifest is missing (rebuild the dataset)"
             )
-    names = [sh["name"] for sh in shards]
-    mine, elementwise = assign(names, index, count)
-    if elementwise:
-        log.info(
-            "pipeline %d/%d: %s has %d %s shards for %d pipelines; sharding element-wise",
-            index,
-            count,
-            d.source,
-            len(names),
-            split,
-            count,
+    return shards, deal([sh["images"] for sh in shards], index, count, limit)
+
+
+def image_sizes(
+    cfg, split: str, index: int = 0, count: int = 1, limit: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(heights, widths) of the images pipeline `index` of `count` reads, from the shard columns
+    alone (ranged reads on S3: no image bytes)."""
+    d = cfg.data
+    shards, pieces = _share(cfg, split, index, count, limit)
+    hw: list[list[int]] = [[], []]
+    for i, lo, hi in pieces:
+        uri = storage.join(d.source, shards[i]["name"])
+        blocks = read_shard_blocks(
+            uri, d.endpoint_url, d.region, columns=("height", "width"), rows=(lo, hi)
         )
-    log.info("pipeline %d/%d reads shards: %s", index, count, ",".join(mine))
+        for h, w in blocks:
+            hw[0] += h
+            hw[1] += w
+    return np.array(hw[0], np.int64), np.array(hw[1], np.int64)
+
+
+def records(
+    cfg,
+    split: str,
+    index: int = 0,
+    count: int = 1,
+    min_size: int = 0,
+    *,
+    seed: int | None = None,
+    start_pass: int = 0,
+    limit: int = 0,
+):
+    """tf.data records {id, image, height, width} of pipeline `index` of `count`'s share of a
+    split of the shard dataset `data.source`, without images that have a side below `min_size`.
+
+    The share is `deal`'s: equal numbers of images (within one row) for every pipeline, the
+    first `limit` images of the split when limit > 0 (counted before the `min_size` filter).
+    With `seed` None: one pass, in shard order (evaluation). With a seed: endless passes from
+    `start_pass` on; pass p reads the shards, and the row groups inside each, in an order drawn
+    from (seed, p), so no two passes read alike.
+    """
+    import tensorflow as tf
+
+    d = cfg.data
+    shards, pieces = _share(cfg, split, index, count, limit)
+    total = sum(sh["images"] for sh in shards) if limit <= 0 else limit
+    log.info(
+        "pipeline %d/%d reads %d of %d %s images: %s",
+        index,
+        count,
+        sum(hi - lo for _, lo, hi in pieces),
+        min(total, sum(sh["images"] for sh in shards)),
+        split,
+        ",".join(f"{shards[i]['name']}[{lo}:{hi}]" for i, lo, hi in pieces),
+    )
+    if not pieces and seed is not None:
+        raise StorageError(
+            f"{d.source}: split {split!r} has {total} images, fewer than the {count} input "
+            "pipelines that share it (use fewer workers or more images)"
+        )
     keys = {sh["name"]: sh["sha256"] if d.cache else "" for sh in shards}
     sizes = {sh["name"]: sh["bytes"] for sh in shards}
+    seed = None if seed is None else seed % 2**63
     # A row group per Python call (not a row): the generator crosses into Python rarely, and the
     # interleave of shard streams hands on whole row groups (unbatched after it, not before).
     columns = ("id", "image", "height", "width")
@@ -614,12 +694,13 @@ def records(cfg, split: str, index: int = 0, count: int = 1, min_size: int = 0):
     }
 
     @tf.autograph.experimental.do_not_convert  # a Python generator: nothing to convert
-    def shard_blocks(name: tf.Tensor) -> tf.data.Dataset:
-        def gen(n: bytes):
+    def shard_blocks(piece: dict) -> tf.data.Dataset:
+        def gen(n: bytes, lo: int, hi: int, p: int, k: int):
             n = n.decode()
             uri = storage.join(d.source, n)
+            order = None if seed is None else [seed, int(p), int(k)]
             for block in read_shard_blocks(
-                uri, d.endpoint_url, d.region, keys[n], columns, size=sizes[n]
+                uri, d.endpoint_url, d.region, keys[n], columns, sizes[n], (lo, hi), order
             ):
                 rows = dict(zip(columns, block, strict=True))
                 sides = zip(rows["height"], rows["width"], strict=True)
@@ -628,15 +709,36 @@ def records(cfg, split: str, index: int = 0, count: int = 1, min_size: int = 0):
                     rows = {c: [v[j] for j in keep] for c, v in rows.items()}
                 yield rows
 
-        return tf.data.Dataset.from_generator(gen, output_signature=spec, args=(name,))
+        args = (piece["name"], piece["lo"], piece["hi"], piece["pass"], piece["piece"])
+        return tf.data.Dataset.from_generator(gen, output_signature=spec, args=args)
 
-    cycle = min(len(mine), 8)
-    ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
+    table = {
+        "name": tf.constant([shards[i]["name"] for i, _, _ in pieces], tf.string),
+        "lo": tf.constant([lo for _, lo, _ in pieces], tf.int64),
+        "hi": tf.constant([hi for _, _, hi in pieces], tf.int64),
+        "piece": tf.range(len(pieces), dtype=tf.int64),
+    }
+    if seed is None:
+        units = tf.data.Dataset.from_tensor_slices(
+            {**table, "pass": tf.zeros([len(pieces)], tf.int64)}
+        )
+    else:
+
+        def one_pass(p):  # this pipeline's pieces in the order of pass p
+            u = tf.random.stateless_uniform(
+                [len(pieces)], tf.stack([tf.constant(seed, tf.int64), p])
+            )
+            order = tf.argsort(u)
+            piece = {k: tf.gather(v, order) for k, v in table.items()}
+            return tf.data.Dataset.from_tensor_slices({**piece, "pass": tf.fill([len(pieces)], p)})
+
+        units = tf.data.Dataset.range(start_pass, 2**62).flat_map(one_pass)
+    cycle = max(1, min(len(pieces), 8))
+    ds = units.interleave(
         shard_blocks,
         cycle_length=cycle,
         block_length=1,
         num_parallel_calls=cycle,
         deterministic=True,
     )
-    ds = ds.unbatch()
-    return ds.shard(count, index) if elementwise else ds
+    return ds.unbatch()
