@@ -2,7 +2,8 @@
 
 A checkpoint is a directory:
   model.keras      the model in float32, loadable with plain `keras.saving.load_model` (inference
-                   needs nothing of srtrain)
+                   needs nothing of srtrain); with `train.ema_decay` the averaged weights
+  train_weights.npz  with `train.ema_decay` only: the raw trained weights a resumed run continues
   optimizer.npz    the optimizer's variables, in `optimizer.variables` order
   best.npz         the best-on-val weights so far (early stopping restores them at the end)
   state.json       epoch, step, learning rate, plateau and early-stopping state, best metrics
@@ -54,10 +55,17 @@ def save(
     optimizer: keras.optimizers.Optimizer,
     state: TrainState,
     best_weights: list | None = None,
+    train_weights: list | None = None,
 ) -> Path:
+    """`export_model` is what inference gets (the EMA weights when on); `train_weights`, when
+    they differ from it, the raw weights training continues from."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     export_model.save(directory / MODEL_FILE)
+    if train_weights is not None:
+        np.savez(
+            directory / "train_weights.npz", **{f"w{i:04d}": w for i, w in enumerate(train_weights)}
+        )
     arrays = {f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
     np.savez(directory / "optimizer.npz", **arrays)
     if best_weights is not None:
@@ -77,13 +85,26 @@ def load_state(directory: str | Path) -> TrainState:
 
 
 def restore(
-    directory: str | Path, model: keras.Model, optimizer: keras.optimizers.Optimizer
+    directory: str | Path,
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    averaged: keras.Model | None = None,
 ) -> tuple[TrainState, list | None]:
     """Loads weights and optimizer state into already built objects (under their strategy);
-    returns the training state and the best weights so far (None if not saved)."""
+    returns the training state and the best weights so far (None if not saved).
+
+    `averaged` (train.ema_decay): the EMA model, restored from model.keras, while `model` gets
+    train_weights.npz when the checkpoint has it (saved with the EMA on), else model.keras."""
     directory = Path(directory)
-    saved = keras.saving.load_model(directory / MODEL_FILE, compile=False)
-    model.set_weights(saved.get_weights())
+    saved = keras.saving.load_model(directory / MODEL_FILE, compile=False).get_weights()
+    raw = directory / "train_weights.npz"
+    if raw.exists():
+        with np.load(raw) as data:
+            model.set_weights([data[k] for k in sorted(data.files)])
+    else:
+        model.set_weights(saved)
+    if averaged is not None:
+        averaged.set_weights(saved)
     with np.load(directory / "optimizer.npz") as data:
         arrays = [data[k] for k in sorted(data.files)]
     if len(arrays) != len(optimizer.variables):

@@ -4,7 +4,8 @@
 
 Each RUN_DIR (local or s3://) holds config.yaml and result.json (its "checkpoint" is the best
 checkpoint). Every run's best model is evaluated on the same test patches: the first run's data
-source and split (`test` where the dataset has one, else its validation split), HR center crops of
+source and its test split (`data.test_split`, default `test`: the bundled samples and shard
+datasets built with the default split have one; else its validation split), HR center crops of
 `data.val_patch_size`, LR by the run's degradation with a fixed seed per image (protocol `seed`).
 Writes DIR/compare.md and DIR/compare.csv (test MAE, PSNR, SSIM per run, and a bicubic row) and
 DIR/compare.png: one test patch as LR, bicubic, every model and HR side by side.
@@ -60,15 +61,19 @@ def load_run(run_dir: str) -> Run:
 
 
 def test_split(cfg, split: str = "") -> str:
-    """The split to compare on: `split` if given, else `test` where the dataset has it."""
+    """The split to compare on: `split` if given, else the run's test split (`data.test_split`)
+    where the dataset has it (the bundled samples do), else its validation split."""
     if split:
         return split
     if cfg.data.source == "samples":
-        return cfg.data.val_split
+        from srtrain.data import samples
+
+        return cfg.data.test_split if cfg.data.test_split in samples.SPLITS else cfg.data.val_split
     from srtrain.data import shards
 
     manifest = shards.load_manifest(cfg.data.source, cfg.data.endpoint_url, cfg.data.region)
-    return "test" if "test" in manifest.get("splits", {}) else cfg.data.val_split
+    has_test = cfg.data.test_split in manifest.get("splits", {})
+    return cfg.data.test_split if has_test else cfg.data.val_split
 
 
 def evaluate(
@@ -218,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True)
-    p.add_argument("--split", default="", help="split to compare on (default: test, else val)")
+    p.add_argument(
+        "--split", default="", help="split to compare on (default: the runs' test split, else val)"
+    )
     p.add_argument("--images", type=int, default=0, help="at most N test images (0: all)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

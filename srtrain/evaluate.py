@@ -3,8 +3,8 @@
     python -m srtrain.evaluate --checkpoint CKPT [CKPT ...] --data SRC --protocol seed|standard \\
         --out DIR [--crop N] [--limit N]
 
-SRC: `samples` (the bundled photos' val split; `samples:train` for the other), a folder of
-JPEG/PNG/BMP images, or a shard dataset with a split, `s3://bucket/iaprtc12:test` or
+SRC: `samples` (the bundled photos' test split; `samples:val` or `samples:train` for another), a
+folder of JPEG/PNG/BMP images, or a shard dataset with a split, `s3://bucket/iaprtc12:test` or
 `./shards:val` (no split: test).
 
 Protocols (srtrain.metrics.PROTOCOLS):
@@ -59,7 +59,7 @@ def parse_source(src: str) -> Source:
     m = re.fullmatch(r"(.+):([A-Za-z][\w-]*)", src)
     base, split = (m.group(1), m.group(2)) if m and not src.endswith(":") else (src, "")
     if base == "samples":
-        return Source("samples", "samples", split or "val")
+        return Source("samples", "samples", split or "test")
     from srtrain import storage
 
     if storage.is_s3(base):

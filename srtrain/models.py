@@ -41,6 +41,7 @@ def _conv(
     transpose: bool = False,
     leaky_relu: bool,
     batch_norm: bool,
+    bn_momentum: float = 0.99,
     sync_batch_norm: bool = False,
     activate: bool = True,
     dtype=None,
@@ -50,9 +51,9 @@ def _conv(
         filters, 3, strides=strides, padding="same", use_bias=not batch_norm, name=name, dtype=dtype
     )(x)
     if batch_norm:
-        x = layers.BatchNormalization(name=f"{name}_bn", synchronized=sync_batch_norm, dtype=dtype)(
-            x
-        )
+        x = layers.BatchNormalization(
+            momentum=bn_momentum, name=f"{name}_bn", synchronized=sync_batch_norm, dtype=dtype
+        )(x)
     return _act(x, leaky_relu, f"{name}_act") if activate else x
 
 
@@ -65,12 +66,14 @@ def build_unet(
     conv_transpose: bool = False,
     batch_norm: bool = False,
     residual: bool = False,
+    bn_momentum: float = 0.99,
     sync_batch_norm: bool = False,
     dtype: str | None = None,
     name: str = "unet",
 ) -> keras.Model:
     """The U-Net; `dtype` is a Keras dtype policy name (e.g. "mixed_bfloat16"); the last layer
-    always computes in float32 so outputs and losses stay in full precision.
+    always computes in float32 so outputs and losses stay in full precision. `bn_momentum` is
+    the BatchNormalization momentum (with `batch_norm`; no parameters depend on it).
 
     `sync_batch_norm` computes BatchNorm's batch statistics over all replicas of a
     tf.distribute strategy (TensorFlow backend), so training with N replicas x batch b
@@ -79,7 +82,11 @@ def build_unet(
     """
     f1, f2, f3 = filters, 2 * filters, 4 * filters
     kw = dict(
-        leaky_relu=leaky_relu, batch_norm=batch_norm, sync_batch_norm=sync_batch_norm, dtype=dtype
+        leaky_relu=leaky_relu,
+        batch_norm=batch_norm,
+        bn_momentum=bn_momentum,
+        sync_batch_norm=sync_batch_norm,
+        dtype=dtype,
     )
     inp = keras.Input((None, None, 3), name="lr")
 
@@ -139,6 +146,7 @@ def from_config(
         conv_transpose=bool(cfg.conv_transpose),
         batch_norm=bool(cfg.batch_norm),
         residual=bool(cfg.residual),
+        bn_momentum=cfg.bn_momentum,
         sync_batch_norm=bool(sync),
         dtype=dtype,
         name=f"unet_{cfg.arch}",

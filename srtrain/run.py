@@ -395,18 +395,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _test_part(result: dict) -> str:
+    if result.get("test_psnr") is not None:
+        gain = result["test_psnr"] - result["test_bicubic_psnr"]
+        return (
+            f"test_psnr {result['test_psnr']:.2f} dB vs bicubic "
+            f"{result['test_bicubic_psnr']:.2f} dB ({gain:+.2f} dB), test_ssim "
+            f"{result['test_ssim']:.3f} vs {result['test_bicubic_ssim']:.3f} "
+            f"({result['test_images']} images of split {result['test_split']!r}, "
+            f"{result['test_protocol']}, best-on-val weights); "
+        )
+    if result.get("test_split"):
+        return f"no test split {result['test_split']!r} in this data; "
+    return ""
+
+
 def summary_line(result: dict) -> str:
+    """The run's last line: the test split first (no training decision read it), then val."""
     tail = (
         f"{result['steps']} steps in {result['wall_seconds']:.0f} s; "
         f"checkpoint {result.get('checkpoint')}"
     )
+    test = _test_part(result)
     if result.get("val_psnr") is None:  # no epoch had a finite validation PSNR
-        return f"done: no epoch gave a finite validation PSNR; {tail}"
+        return f"done: {test}no epoch gave a finite validation PSNR; {tail}"
     gain = result["val_psnr"] - (result["bicubic_psnr"] or 0)
     return (
-        f"done: val_psnr {result['val_psnr']:.2f} dB vs bicubic {result['bicubic_psnr']:.2f} dB "
-        f"({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs {result['bicubic_ssim']:.3f}; "
-        f"{tail}"
+        f"done: {test}val_psnr {result['val_psnr']:.2f} dB vs bicubic "
+        f"{result['bicubic_psnr']:.2f} dB ({gain:+.2f} dB), val_ssim {result['val_ssim']:.3f} vs "
+        f"{result['bicubic_ssim']:.3f}; {tail}"
     )
 
 

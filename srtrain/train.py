@@ -6,11 +6,15 @@ over the global batch, `strategy.reduce` for metrics. `--local` runs call `train
 Ray Train workers call the same function (srtrain.run wires the `Context`).
 
 Per epoch: `train.steps_per_epoch` steps, then validation of the model AND of bicubic upscaling
-on the same LR inputs, the plateau schedule, early stopping, a checkpoint and a metrics line.
+on the same LR inputs, the epoch-end policy (srtrain.schedule: best weights, plateau schedule,
+early stopping), a checkpoint and a metrics line. With `train.ema_decay` the averaged weights
+(srtrain.ema) are the ones validated, kept as best and exported. At the end, the best weights are
+evaluated once on the test split (`data.test_split`), which no training decision reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,8 +32,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from srtrain import checkpoints, data, losses, metrics, models, storage, tensorboard
+from srtrain import checkpoints, data, losses, metrics, models, schedule, storage, tensorboard
 from srtrain.config import Config
+from srtrain.ema import WeightEMA
 
 log = logging.getLogger("srtrain.train")
 
@@ -106,7 +111,8 @@ def dtype_policy(precision: str) -> str:
 # --- steps --------------------------------------------------------------------------------------
 
 
-def make_optimizer(lr: float, policy: str) -> keras.optimizers.Optimizer:
+def make_optimizer(lr, policy: str) -> keras.optimizers.Optimizer:
+    """Adam; `lr` is a float or a Keras schedule (srtrain.schedule.learning_rate)."""
     opt = keras.optimizers.Adam(learning_rate=lr)
     if policy == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt)
@@ -120,6 +126,23 @@ def prepare_batch(cfg: Config) -> Callable | None:
     if cfg.degradation.on == "input":
         return None
     return lambda hr, seeds: data.degrade_batch(hr, seeds, cfg)
+
+
+def clip_global_norm(grads: list, clip_norm: float, loss_scale=1.0) -> list:
+    """Scales this replica's gradients so the global gradient (their sum over replicas, what the
+    optimizer applies) has an L2 norm of at most `clip_norm`; in replica context.
+
+    The norm is taken of the all-reduced gradient, so every replica computes the same factor.
+    That costs one all-reduce more per step with several replicas. `loss_scale`: the fp16 loss
+    scale the gradients still carry (the optimizer divides it out later).
+    """
+    ctx = tf.distribute.get_replica_context()
+    total = grads
+    if ctx.num_replicas_in_sync > 1:
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    norm = tf.linalg.global_norm(total) / tf.cast(loss_scale, tf.float32)
+    factor = tf.minimum(1.0, clip_norm / tf.maximum(norm, 1e-12))  # non-finite norms stay so
+    return [g * tf.cast(factor, g.dtype) for g in grads]
 
 
 def _summed_over_replicas(grads: list) -> list:
@@ -143,11 +166,22 @@ def _summed_over_replicas(grads: list) -> list:
 
 
 def make_train_step(
-    strategy, model, optimizer, loss_fn, global_batch: int, jit: bool = False, prepare=None
+    strategy,
+    model,
+    optimizer,
+    loss_fn,
+    global_batch: int,
+    jit: bool = False,
+    prepare=None,
+    clip_norm: float = 0.0,
+    ema: WeightEMA | None = None,
 ):
     """A tf.function taking one distributed batch, (lr, hr) or what `prepare` (see
     `prepare_batch`) turns into (lr, hr); returns the global mean loss as a tensor (reading it is
-    a device-to-host copy: the loop reads it only at log boundaries)."""
+    a device-to-host copy: the loop reads it only at log boundaries).
+
+    `clip_norm` > 0 clips the global gradient norm (train.grad_clip_norm); `ema` is updated
+    after every optimizer step (train.ema_decay)."""
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def step_fn(*batch):
@@ -160,12 +194,16 @@ def make_train_step(
         grads = tape.gradient(scaled, model.trainable_variables)
         if loss_scaled:
             grads = _summed_over_replicas(grads)  # one skip-or-apply verdict for all replicas
+        if clip_norm:
+            grads = clip_global_norm(grads, clip_norm, getattr(optimizer, "dynamic_scale", 1.0))
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
 
     @tf.function(jit_compile=jit)
     def train_step(batch):
         per_replica = strategy.run(step_fn, args=batch)
+        if ema is not None:
+            ema.update(optimizer.iterations)
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     return train_step
@@ -313,8 +351,14 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
 
     with strategy.scope():
         model = models.from_config(cfg.model, scale, dtype=policy, replicas=replicas)
-        optimizer = make_optimizer(base_lr, policy)
+        optimizer = make_optimizer(schedule.learning_rate(cfg.train, base_lr), policy)
         optimizer.build(model.trainable_variables)
+        ema = None
+        if cfg.train.ema_decay:
+            averaged = models.from_config(cfg.model, scale, dtype=policy, replicas=replicas)
+            ema = WeightEMA(strategy, model, averaged, cfg.train.ema_decay)
+    # What is validated, kept as best, tested and exported: the EMA weights when on.
+    eval_model = ema.averaged if ema else model
     loss_fn = losses.build_loss(
         cfg.loss, dtype=policy, endpoint_url=cfg.data.endpoint_url, region=cfg.data.region
     )
@@ -324,16 +368,27 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
     state, best_weights = checkpoints.TrainState(lr=base_lr), None
     if ctx.restore_from is not None:
         with strategy.scope():
-            state, best_weights = checkpoints.restore(ctx.restore_from, model, optimizer)
+            state, best_weights = checkpoints.restore(
+                ctx.restore_from, model, optimizer, ema.averaged if ema else None
+            )
         ctx.log_fn(f"resumed from {ctx.restore_from} at epoch {state.epoch}, step {state.step}")
-    optimizer.learning_rate.assign(state.lr)
+    if cfg.train.schedule == "plateau":
+        optimizer.learning_rate.assign(state.lr)
 
     train_iter = iter(distributed_train_dataset(strategy, cfg, global_batch, state.step))
     val_ds = data.eval_dataset(cfg, index=ctx.rank, count=ctx.world_size)
     train_step = make_train_step(
-        strategy, model, optimizer, loss_fn, global_batch, cfg.train.jit, prepare_batch(cfg)
+        strategy,
+        model,
+        optimizer,
+        loss_fn,
+        global_batch,
+        cfg.train.jit,
+        prepare_batch(cfg),
+        clip_norm=cfg.train.grad_clip_norm,
+        ema=ema,
     )
-    eval_step = make_eval_step(model, loss_fn, scale)
+    eval_step = make_eval_step(eval_model, loss_fn, scale)
     tb = (
         tensorboard.TensorBoardWriter(ctx.run_dir, cfg, val_ds, images=cfg.train.sample_images)
         if ctx.chief
@@ -344,6 +399,11 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         ctx.log_fn(
             f"training {model.name}: {model.count_params():,} params, {replicas} replica(s) x "
             f"batch {cfg.data.batch_size} = global batch {global_batch}, {policy}, lr {base_lr:g}"
+            f" ({cfg.train.schedule}"
+            + (f", {cfg.train.warmup_steps} warmup steps" if cfg.train.warmup_steps else "")
+            + (f", EMA {cfg.train.ema_decay:g}" if ema else "")
+            + (f", grad clip {cfg.train.grad_clip_norm:g}" if cfg.train.grad_clip_norm else "")
+            + ")"
         )
     metrics_log = MetricsLog(ctx.run_dir, cfg) if ctx.chief else None
     if metrics_log:
@@ -378,6 +438,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
                     state,
                     best_weights,
                     {"step": state.step, "epoch": state.epoch, "train_loss": meter.mean()},
+                    eval_model,
                 )
         _check_loss(meter, state, tb)
         seconds = time.perf_counter() - t0
@@ -386,7 +447,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
             "epoch": epoch,
             "step": state.step,
             "train_loss": meter.mean(),
-            "lr": float(state.lr),
+            "lr": float(optimizer.learning_rate),  # at the epoch's end
             "images_per_sec": images_per_sec,
             "input_wait": wait / max(seconds, 1e-9),
             "seconds": seconds,
@@ -394,33 +455,24 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         row.update(validate(strategy, eval_step, val_ds, cfg.train.val_steps))
         state.epoch = epoch
 
-        improved = row["val_psnr"] > state.best_psnr + 1e-4
-        if improved:
-            state.best_psnr, state.best_epoch = row["val_psnr"], epoch
-            state.best_metrics = dict(row)
-            state.plateau_wait = state.early_stop_wait = 0
-            best_weights = model.get_weights()
-        else:
-            state.plateau_wait += 1
-            state.early_stop_wait += 1
-            if state.plateau_wait >= cfg.train.plateau_patience and state.lr > cfg.train.min_lr:
-                state.lr = max(state.lr * cfg.train.plateau_factor, cfg.train.min_lr)
-                optimizer.learning_rate.assign(state.lr)
-                state.plateau_wait = 0
-                row["lr_reduced_to"] = state.lr
-            patience = cfg.train.early_stop_patience
-            if patience and state.early_stop_wait >= patience:
-                stopped_early = True
-                row["stopped_early"] = True
-        row["best"] = improved
+        state, decision = schedule.epoch_end_policy(state, row, cfg.train)
+        if decision.improved:
+            best_weights = eval_model.get_weights()
+        if decision.lr_reduced:
+            optimizer.learning_rate.assign(state.lr)
+            row["lr_reduced_to"] = state.lr
+        if decision.stop:
+            stopped_early = True
+            row["stopped_early"] = True
+        row["best"] = decision.improved
         if ctx.chief:
             ctx.log_fn(_progress_line(row, cfg.train.epochs))
             metrics_log.append(row)
-            tb.epoch(row, model)
-        _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights, row)
+            tb.epoch(row, eval_model)
+        _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights, row, eval_model)
 
     if best_weights is not None:
-        model.set_weights(best_weights)  # early stopping with restore-best, as the original
+        eval_model.set_weights(best_weights)  # early stopping with restore-best, as the original
     best = state.best_metrics or {}
     result = {
         "val_psnr": best.get("val_psnr"),
@@ -439,10 +491,45 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         "precision": policy,
         "protocol": "seed (RGB, [0, 1], whole center crop)",
     }
+    # Once, on the chosen weights; every worker takes part (validate all-reduces).
+    result.update(evaluate_test_split(cfg, ctx, strategy, eval_step))
     if ctx.chief:
         tb.close()
-        _write_samples(cfg, ctx, model, val_ds)
+        _write_samples(cfg, ctx, eval_model, val_ds)
     return result
+
+
+TEST_KEYS = ("test_psnr", "test_ssim", "test_bicubic_psnr", "test_bicubic_ssim")
+
+
+def evaluate_test_split(cfg: Config, ctx: Context, strategy, eval_step) -> dict:
+    """test_psnr/_ssim and bicubic's on the whole test split (data.test_split), seed protocol:
+    RGB on [0, 1], center crops of data.val_patch_size, LR degraded with a fixed seed per image.
+    A source without that split gives None for each, and one log line."""
+    split = cfg.data.test_split
+    crop = cfg.data.val_patch_size or cfg.data.patch_size
+    out = dict.fromkeys(TEST_KEYS)
+    out.update(test_split=split, test_images=0, test_protocol=f"seed (RGB, {crop} center crops)")
+    whole = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_images=0))
+    try:
+        test_ds = data.eval_dataset(whole, split=split, index=ctx.rank, count=ctx.world_size)
+    except (ValueError, storage.StorageError) as e:  # a source without that split
+        if ctx.chief:
+            ctx.log_fn(f"no test metrics: {cfg.data.source} has no split {split!r} ({e})")
+        return out
+    m = validate(strategy, eval_step, test_ds)
+    if not m["val_images"]:
+        if ctx.chief:
+            ctx.log_fn(f"no test metrics: no image of {cfg.data.source}:{split} fits a {crop} crop")
+        return out
+    out.update(
+        test_psnr=m["val_psnr"],
+        test_ssim=m["val_ssim"],
+        test_bicubic_psnr=m["bicubic_psnr"],
+        test_bicubic_ssim=m["bicubic_ssim"],
+        test_images=m["val_images"],
+    )
+    return out
 
 
 def _check_loss(meter: LossMeter, state, tb) -> None:
@@ -454,13 +541,20 @@ def _check_loss(meter: LossMeter, state, tb) -> None:
         raise
 
 
-def _checkpoint(cfg, ctx, export_model, model, optimizer, state, best_weights, row) -> None:
-    """Every worker calls this at the same points (Ray's report is a barrier); rank 0 writes."""
+def _checkpoint(
+    cfg, ctx, export_model, model, optimizer, state, best_weights, row, eval_model=None
+) -> None:
+    """Every worker calls this at the same points (Ray's report is a barrier); rank 0 writes.
+
+    The exported model holds `eval_model`'s weights (the EMA's when on); the raw ones then go
+    alongside for resuming."""
     ckpt_dir = None
     if ctx.chief:
-        export_model.set_weights(model.get_weights())
+        eval_model = eval_model or model
+        export_model.set_weights(eval_model.get_weights())
+        raw = model.get_weights() if eval_model is not model else None
         ckpt_dir = Path(tempfile.mkdtemp(prefix="srtrain-ckpt-"))
-        checkpoints.save(ckpt_dir, cfg, export_model, optimizer, state, best_weights)
+        checkpoints.save(ckpt_dir, cfg, export_model, optimizer, state, best_weights, raw)
     if ctx.report is not None:
         ctx.report({k: v for k, v in row.items() if _scalar(v)}, ckpt_dir)
     if ckpt_dir is not None:

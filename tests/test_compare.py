@@ -4,7 +4,6 @@ figure."""
 import csv
 import json
 
-import pytest
 import yaml
 
 from srtrain import checkpoints, compare, models
@@ -42,6 +41,7 @@ def test_table_and_figure(tmp_path):
     out = tmp_path / "cmp"
     assert compare.main([str(a), str(b), "--out", str(out), "--no-progress"]) == 0
     md = (out / "compare.md").read_text()
+    assert md.startswith("# Comparison on samples:test (2 test patches")
     assert "| base-mae | base U-Net, MAE |" in md
     assert "| adv-vgg | advanced U-Net, MAE + 0.005 x VGG block2_conv2 |" in md
     rows = list(csv.DictReader((out / "compare.csv").open()))
@@ -58,6 +58,7 @@ def test_not_a_run_dir_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "not a finished run directory" in err[0]
 
 
-@pytest.mark.parametrize("split", ["val"])
-def test_split_choice_for_samples(tmp_path, split):
-    assert compare.test_split(load_config(None)) == split
+def test_split_choice_for_samples():
+    assert compare.test_split(load_config(None)) == "test"  # held out from every decision
+    assert compare.test_split(load_config(None, ["data.test_split=holdout"])) == "val"
+    assert compare.test_split(load_config(None), "train") == "train"

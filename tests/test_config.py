@@ -53,6 +53,13 @@ def test_overrides_are_parsed_to_the_field_type():
     assert cfg.loss.perceptual_layers == {"block2_conv2": 2.0}
 
 
+def test_quality_options_default_to_the_original_recipe():
+    cfg = from_dict({})
+    t = cfg.train
+    assert (t.schedule, t.warmup_steps, t.ema_decay, t.grad_clip_norm) == ("plateau", 0, 0.0, 0.0)
+    assert cfg.model.bn_momentum == 0.99 and cfg.data.test_split == "test"
+
+
 def test_job_files_load(tmp_path):
     job = tmp_path / "j.yaml"
     job.write_text("# comment\ntrain:\n  epochs: 2\nmodel:\n  arch: advanced\n")
@@ -80,6 +87,12 @@ def test_job_files_load(tmp_path):
         ({"loss": {"perceptual_layers": {"block9_conv1": 1.0}}}, "loss.perceptual_layers.block9"),
         ({"run": {"name": "a/b"}}, "run.name"),
         ({"train": "fast"}, "train"),
+        ({"train": {"schedule": "step"}}, "train.schedule"),
+        ({"train": {"warmup_steps": 2000}}, "train.warmup_steps"),  # >= the planned 2000 steps
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
+        ({"train": {"grad_clip_norm": -1.0}}, "train.grad_clip_norm"),
+        ({"model": {"bn_momentum": 1.0}}, "model.bn_momentum"),
+        ({"data": {"test_split": ""}}, "data.test_split"),
     ],
 )
 def test_bad_values_name_the_key_path(data, key):
@@ -103,3 +116,19 @@ def test_override_syntax():
     with pytest.raises(ConfigError, match=r"dotted\.key=value"):
         parse_override("novalue")
     assert apply_overrides({"a": {"x": 1}}, ["a.y=2"]) == {"a": {"x": 1, "y": 2}}
+
+
+@pytest.mark.parametrize("arch", ["base", "advanced"])
+def test_quality_jobs_state_their_whole_recipe_on_the_first_line(arch):
+    job = REPO / "jobs" / f"quality-{arch}.yaml"
+    first = job.read_text().splitlines()[0]
+    assert first.startswith(
+        '# python -m srtrain.data build "../shared/datasets/[bt]*/*.png" DIR --split '
+    )
+    assert first.endswith(
+        f" && python -m srtrain.run --config jobs/quality-{arch}.yaml --set data.source=DIR"
+    )
+    assert "test=" in first  # the build makes a test split
+    cfg = load_config(job, ["data.source=DIR"])
+    assert (cfg.model.arch, cfg.model.filters, cfg.loss.kind) == (arch, 64, "mae")
+    assert cfg.train.schedule == "cosine" and cfg.train.ema_decay > 0

@@ -121,7 +121,8 @@ def test_sources_parse():
         "shards", "s3://b/iaprtc12", "test"
     )
     assert evaluate.parse_source("s3://b/iaprtc12").split == "test"
-    assert evaluate.parse_source("samples").split == "val"
+    assert evaluate.parse_source("samples").split == "test"  # held out, as shards' default
+    assert evaluate.parse_source("samples:val").split == "val"
 
 
 def test_both_protocols_on_the_bundled_photos(ckpt, tmp_path):

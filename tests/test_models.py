@@ -59,3 +59,18 @@ def test_mixed_precision_keeps_the_output_float32():
     m = models.build_unet(filters=8, dtype="mixed_bfloat16")
     assert m.get_layer("enc1_conv1").compute_dtype == "bfloat16"
     assert m(np.zeros((1, 8, 8, 3), "float32")).dtype == "float32"
+
+
+def test_bn_momentum_reaches_every_batch_norm_layer_and_keeps_the_parameter_count():
+    default = models.from_config(from_dict({"model": {"arch": "advanced"}}).model, scale=2)
+    fast = models.from_config(
+        from_dict({"model": {"arch": "advanced", "bn_momentum": 0.9}}).model, scale=2
+    )
+    bns = [layer for layer in fast.layers if type(layer).__name__ == "BatchNormalization"]
+    assert bns and all(layer.momentum == 0.9 for layer in bns)
+    assert all(
+        layer.momentum == 0.99
+        for layer in default.layers
+        if type(layer).__name__ == "BatchNormalization"
+    )
+    assert fast.count_params() == default.count_params()

@@ -53,6 +53,9 @@ def check_run_dir(run_dir: Path, epochs: int) -> dict:
         assert result[key] is not None, key
     assert result["steps"] == epochs * 20 and result["epochs"] == epochs
     assert 5 < result["bicubic_psnr"] < 40 and 0 < result["val_ssim"] <= 1
+    # the samples' test split, tested once on the best weights
+    assert result["test_split"] == "test" and result["test_images"] == 2
+    assert 5 < result["test_bicubic_psnr"] < 40 and 0 < result["test_ssim"] <= 1
     assert Path(result["checkpoint"], "model.keras").exists()
     png = (run_dir / "samples.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -67,6 +70,7 @@ def test_local_mode_trains_and_leaves_a_complete_run(tmp_path, arch):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "epoch 3/3" in p.stdout and "bicubic" in p.stdout
+    assert "done: test_psnr" in p.stdout and "2 images of split 'test'" in p.stdout
     result = check_run_dir(tmp_path / "r", 3)
     # the best checkpoint's model loads with plain Keras and predicts like it was trained
     import keras
@@ -85,9 +89,23 @@ def check_name_taken(p, run: str) -> None:
 
 
 @pytest.mark.slow
-def test_local_resume_continues_from_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "quality",
+    [[], ["train.schedule=cosine", "train.warmup_steps=5", "train.ema_decay=0.9"]],
+    ids=["plateau", "cosine-ema"],
+)
+def test_local_resume_continues_from_the_last_checkpoint(tmp_path, quality):
+    extra = [a for o in quality for a in ("--set", o)]
     p = run_cli(
-        "--local", *TINY, "--set", "train.epochs=1", "--output", str(tmp_path), "--name", "r"
+        "--local",
+        *TINY,
+        *extra,
+        "--set",
+        "train.epochs=1",
+        "--output",
+        str(tmp_path),
+        "--name",
+        "r",
     )
     assert p.returncode == 0, p.stderr[-3000:]
     config = (tmp_path / "r" / "config.yaml").read_bytes()
@@ -101,6 +119,7 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path):
     p = run_cli(
         "--local",
         *TINY,
+        *extra,
         "--set",
         "train.epochs=2",
         "--output",
@@ -115,6 +134,15 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path):
     assert result["steps"] == 40 and result["epochs"] == 2
     rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    if quality:  # the schedule continues from the restored step, the EMA from its average
+        from srtrain import schedule
+        from srtrain.config import load_config
+
+        cfg = load_config(None, [*TINY[1::2], *quality, "train.epochs=2"])
+        assert json.loads(rows[1])["lr"] == pytest.approx(float(schedule.lr_at(40, cfg.train)))
+        assert (
+            tmp_path / "r" / "checkpoints" / "checkpoint_00000040" / "train_weights.npz"
+        ).exists()
     # the run keeps the config it started with; command.txt lists both commands that ran it
     assert (tmp_path / "r" / "config.yaml").read_bytes() == config
     commands = (tmp_path / "r" / "command.txt").read_text().splitlines()

@@ -229,6 +229,119 @@ def test_seeded_search_algorithms_sample_valid_trial_configs(algorithm):
 # --- one real search, interrupted and resumed -------------------------------------------------
 
 
+def test_the_recipe_options_are_searchable():
+    overrides = [
+        "search.space.train.schedule={choice: [plateau, cosine]}",
+        "search.space.train.ema_decay={choice: [0.0, 0.99]}",
+        "search.space.train.grad_clip_norm={choice: [0.0, 1.0]}",
+        "search.space.model.bn_momentum={uniform: [0.8, 0.99]}",
+    ]
+    cfg, settings = load_search_job(None, overrides)
+    params = {
+        "train.schedule": "cosine",
+        "train.ema_decay": 0.99,
+        "train.grad_clip_norm": 1.0,
+        "model.bn_momentum": 0.9,
+    }
+    trial = space.trial_config(cfg, params, settings)
+    assert (trial.train.schedule, trial.train.ema_decay) == ("cosine", 0.99)
+    assert (trial.train.grad_clip_norm, trial.model.bn_momentum) == (1.0, 0.9)
+
+
+def test_a_trial_whose_tune_results_were_lost_keeps_its_checkpoints(tmp_path):
+    from tune.report import _fill_checkpoints
+
+    cfg, _ = load_search_job(None)
+    (tmp_path / "checkpoint_b").mkdir()
+    (tmp_path / "checkpoint_b" / "model.keras").write_bytes(b"x")
+    snapshot = {
+        "checkpoint_results": [
+            {"checkpoint_dir_name": "checkpoint_a", "metrics": {"epoch": 1}},  # deleted since
+            {"checkpoint_dir_name": "checkpoint_b", "metrics": {"epoch": 2}},
+        ]
+    }
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    history = {1: {"epoch": 1, "checkpoint_path": float("nan")}, 2: {"epoch": 2}}
+    _fill_checkpoints(history, str(tmp_path), cfg)
+    assert history[2]["checkpoint_path"] == str(tmp_path / "checkpoint_b")
+    assert not isinstance(history[1]["checkpoint_path"], str)
+
+
+def test_trials_rank_by_their_last_epoch_not_their_best():
+    from tune.report import TrialRow, ranked
+
+    _, settings = load_search_job(None)
+    lucky = TrialRow(
+        "lucky",
+        "TERMINATED",
+        {},
+        [
+            {"epoch": 1, "val_psnr": 27.0, "checkpoint_path": "a"},
+            {"epoch": 2, "val_psnr": 24.0, "checkpoint_path": "b"},
+        ],
+    )
+    steady = TrialRow(
+        "steady",
+        "TERMINATED",
+        {},
+        [
+            {"epoch": 1, "val_psnr": 25.0, "checkpoint_path": "c"},
+            {"epoch": 2, "val_psnr": 25.5, "checkpoint_path": "d"},
+        ],
+    )
+    assert [r.trial_id for r in ranked([lucky, steady], settings)] == ["steady", "lucky"]
+    assert lucky.best("val_psnr", "max")["checkpoint_path"] == "b"
+
+
+def test_the_summary_reports_the_best_trials_test_score_beside_bicubic(tmp_path):
+    from srtrain import checkpoints, models
+    from srtrain.train import make_optimizer
+    from tune.report import TrialRow, ranked, summary_md, test_scores
+
+    cfg, settings = load_search_job(None, ["data.val_patch_size=64"])
+    model = models.build_unet(filters=4)
+    opt = make_optimizer(1e-3, "float32")
+    opt.build(model.trainable_variables)
+    ckpt = tmp_path / "ckpt"
+    checkpoints.save(ckpt, cfg, model, opt, checkpoints.TrainState())
+    params = {
+        "model.filters": 4,
+        **{
+            f"model.{f}": False
+            for f in ("leaky_relu", "strided_conv", "conv_transpose", "batch_norm", "residual")
+        },
+    }
+    row = TrialRow(
+        "t1",
+        "TERMINATED",
+        params,
+        [{"epoch": 1, "val_psnr": 20.0, "bicubic_psnr": 23.0, "checkpoint_path": str(ckpt)}],
+    )
+    test = test_scores(row, cfg, settings, str(tmp_path))
+    assert test["split"] == "test" and test["images"] == 2 and test["epoch"] == 1
+    assert 15 < test["bicubic_psnr"] < 40 and test["psnr"] < test["bicubic_psnr"]  # untrained
+    text = summary_md(
+        [row],
+        settings,
+        name="s",
+        command="c",
+        wall_seconds=1.0,
+        interrupted=False,
+        search_dir=str(tmp_path),
+        best_yaml="b.yaml",
+        test=test,
+    )
+    assert "Trials rank by their last epoch's val_psnr (scope 'last')" in text
+    assert (
+        "Test split 'test' (2 images, seed (RGB, 64 center crops)), its epoch 1 checkpoint: "
+        f"PSNR {test['psnr']:.2f} dB" in text
+    )
+    assert f"vs bicubic {test['bicubic_psnr']:.2f} dB" in text
+    assert ranked([row], settings) == [row]
+    missing = TrialRow("t2", "TERMINATED", params, [{"epoch": 1, "val_psnr": 20.0}])
+    assert test_scores(missing, cfg, settings, str(tmp_path)) == {"error": "no checkpoint"}
+
+
 def _statuses(search_dir: Path) -> dict[str, str]:
     from ray.tune import ExperimentAnalysis
 
@@ -335,6 +448,7 @@ def test_asha_stops_weak_trials_and_results_csv_accounts_for_them(search):
     spent = sum(epochs)
     assert f"Trial-epochs spent: **{spent}** of 16" in summary
     assert f"ASHA stopped **{len(stopped)}** of 4 trials early" in summary
+    assert "Test split 'test' (2 images" in summary and "vs bicubic" in summary
     assert (search["dir"] / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -2,6 +2,13 @@
 
 Everything is read back from Tune's saved experiment state (`ExperimentAnalysis`), so the same
 report comes out after a complete search, an interrupted one and a resumed one.
+
+Ranking rule (declared, as Tune's metric scope "last"): a trial scores its LAST epoch's
+validation metric (with `train.ema_decay`, the averaged weights' score), not its best epoch's:
+the maximum over many noisy epochs of many trials rewards luck on the validation crops. The best
+trial's checkpoint that the ranking names is then evaluated once on the test split
+(`data.test_split`), which no ranking, stopping or checkpoint choice reads, and reported beside
+bicubic.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from srtrain.config import Config, to_yaml
 from tune import space
 from tune.space import SearchSettings
 
+RANK_SCOPE = "last"  # Tune's metric scope: the last reported epoch, not "all" (the max)
 STOPPED_ASHA = "ASHA"
 STOPPED_PATIENCE = "early stopping"
 
@@ -37,14 +45,14 @@ class TrialRow:
         return int(self.history[-1]["epoch"]) if self.history else 0
 
     def best(self, metric: str, mode: str) -> dict | None:
+        """The epoch row that scores this trial under RANK_SCOPE: its last reported epoch.
+
+        (`mode` is Tune's; with scope "last" it does not choose among epochs.) Epochs a stopped
+        trial trained after Tune stopped listening have no checkpoint in Tune's records (and ASHA
+        never ranked them): the row is chosen among the epochs Tune saw."""
         rows = [r for r in self.history if _finite(r.get(metric))]
-        # Epochs a stopped trial trained after Tune stopped listening have no checkpoint in Tune's
-        # records (and ASHA never ranked them): the best is chosen among the epochs Tune saw.
-        rows = [r for r in rows if r.get("checkpoint_path")] or rows
-        if not rows:
-            return None
-        pick = max if mode == "max" else min
-        return pick(rows, key=lambda r: r[metric])
+        rows = [r for r in rows if isinstance(r.get("checkpoint_path"), str)] or rows
+        return rows[-1] if rows else None
 
     def stopped_by(self, max_epochs: int) -> str:
         """Why the trial ended before max_epochs: ASHA, its own early stopping, "" (it ran all
@@ -81,6 +89,7 @@ def collect(search_dir: str, settings: SearchSettings, cfg: Config) -> list[Tria
             for rec in frame.to_dict("records"):
                 if _finite(rec.get("epoch")):  # a resumed trial repeats epochs: keep the last
                     history[int(rec["epoch"])] = {**history.get(int(rec["epoch"]), {}), **rec}
+        _fill_checkpoints(history, storage.join(search_dir, "runs", trial.trial_id), cfg)
         error = ""
         if trial.status == "ERROR":
             try:
@@ -94,6 +103,30 @@ def collect(search_dir: str, settings: SearchSettings, cfg: Config) -> list[Tria
             )
         )
     return rows
+
+
+def _fill_checkpoints(history: dict[int, dict], run_dir: str, cfg: Config) -> None:
+    """Epochs without a checkpoint path in Tune's records (a trial whose Tune results were lost
+    to an interrupt) get the path from the Train run's own checkpoint list, where it still is."""
+    if all(isinstance(r.get("checkpoint_path"), str) for r in history.values()):
+        return
+    uri = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
+    if not storage.exists(uri, **kw):
+        return
+    try:
+        snapshot = json.loads(storage.read_bytes(uri, **kw))
+    except ValueError:
+        return
+    for item in snapshot.get("checkpoint_results", []):
+        epoch, name = (item.get("metrics") or {}).get("epoch"), item.get("checkpoint_dir_name")
+        if not (_finite(epoch) and name and int(epoch) in history):
+            continue
+        row = history[int(epoch)]
+        if not isinstance(row.get("checkpoint_path"), str):
+            path = storage.join(run_dir, name)
+            if storage.exists(storage.join(path, "model.keras"), **kw):
+                row["checkpoint_path"] = path.removeprefix("s3://")
 
 
 def _run_metrics(run_dir: str, cfg: Config) -> dict[int, dict]:
@@ -147,6 +180,7 @@ def write_outputs(
         r.status not in ("TERMINATED", "ERROR") for r in rows
     )
     best = ranked(rows, settings)
+    test = test_scores(best[0], cfg, settings, search_dir) if best else {}
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
     storage.write_bytes(
         storage.join(search_dir, "results.csv"),
@@ -169,9 +203,59 @@ def write_outputs(
         interrupted=interrupted,
         search_dir=search_dir,
         best_yaml=best_yaml,
+        test=test,
     )
     storage.write_bytes(storage.join(search_dir, "summary.md"), text.encode(), **kw)
-    return console_lines(rows, settings, wall_seconds, search_dir), interrupted
+    return console_lines(rows, settings, wall_seconds, search_dir, test), interrupted
+
+
+def test_scores(row: TrialRow, cfg: Config, settings: SearchSettings, search_dir: str) -> dict:
+    """The ranked checkpoint of `row` on the test split, beside bicubic (seed protocol: RGB,
+    center crops of data.val_patch_size, fixed-seed degradation); {"error": why} when it cannot
+    be measured (no checkpoint, no test split in the data)."""
+    b = row.best(settings.metric, settings.mode) or {}
+    ckpt = checkpoint_uri(b, search_dir)
+    if not ckpt:
+        return {"error": "no checkpoint"}
+    trial_cfg = space.trial_config(cfg, row.params, settings)
+    split = trial_cfg.data.test_split
+    try:
+        from srtrain import compare
+        from srtrain.upscale import load
+
+        if compare.test_split(trial_cfg) != split:
+            return {"error": f"{trial_cfg.data.source} has no split {split!r}"}
+        run = compare.Run(row.trial_id, "", trial_cfg, {}, load(ckpt))
+        table, _ = compare.evaluate([run], split, progress=False)
+    except (ValueError, OSError, storage.StorageError) as e:
+        return {"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}
+    t, bic = table[row.trial_id], table["bicubic"]
+    crop = trial_cfg.data.val_patch_size or trial_cfg.data.patch_size
+    return {
+        "split": split,
+        "images": t["images"],
+        "psnr": t["psnr"],
+        "ssim": t["ssim"],
+        "bicubic_psnr": bic["psnr"],
+        "bicubic_ssim": bic["ssim"],
+        "protocol": f"seed (RGB, {crop} center crops)",
+        "epoch": int(b["epoch"]),
+    }
+
+
+def test_line(test: dict) -> str:
+    """One sentence on the best trial's test score (or why there is none)."""
+    if not test:
+        return ""
+    if "error" in test:
+        return f"Test split: not measured ({test['error']})."
+    gain = test["psnr"] - test["bicubic_psnr"]
+    return (
+        f"Test split {test['split']!r} ({test['images']} images, {test['protocol']}), its epoch "
+        f"{test['epoch']} checkpoint: PSNR {test['psnr']:.2f} dB ({gain:+.2f} dB vs bicubic "
+        f"{test['bicubic_psnr']:.2f} dB), SSIM {test['ssim']:.3f} (bicubic "
+        f"{test['bicubic_ssim']:.3f})."
+    )
 
 
 def results_csv(rows: list[TrialRow], settings: SearchSettings, search_dir: str) -> str:
@@ -187,7 +271,7 @@ def results_csv(rows: list[TrialRow], settings: SearchSettings, search_dir: str)
             "val_psnr",
             "val_ssim",
             "bicubic_psnr",
-            "best_epoch",
+            "ranked_epoch",
             "epochs",
             "stopped_early",
             "stopped_by",
@@ -243,6 +327,7 @@ def summary_md(
     interrupted: bool,
     search_dir: str,
     best_yaml: str,
+    test: dict | None = None,
 ) -> str:
     s, m = settings.scheduler, settings.metric
     b = budget(rows, settings)
@@ -255,7 +340,8 @@ def summary_md(
         f"{b['trials']} of {settings.num_samples} trials, {settings.algorithm} (seed "
         f"{settings.seed}) with ASHA on {m} ({settings.mode}): grace period {s.grace_period} "
         f"epoch(s), reduction factor {s.reduction_factor:g}, at most {settings.max_epochs} "
-        f"epochs per trial. Wall time {wall_seconds / 60:.1f} min"
+        f"epochs per trial. Trials rank by their last epoch's {m} (scope {RANK_SCOPE!r}), not "
+        f"their best epoch's. Wall time {wall_seconds / 60:.1f} min"
         + (
             " (this session; the search was interrupted: continue it with --resume)."
             if interrupted
@@ -301,11 +387,12 @@ def summary_md(
         f"Trial {top[0].trial_id}: val PSNR {_num(winner.get('val_psnr'), 2)} dB "
         f"({gain:+.2f} dB vs bicubic {_num(winner.get('bicubic_psnr'), 2)} dB), val SSIM "
         f"{_num(winner.get('val_ssim'), 3)}, at epoch {int(winner['epoch'])} of {top[0].epochs}.",
+        test_line(test or {}),
         f"Checkpoint: `{checkpoint_uri(winner, search_dir) or 'none'}`.",
         f"Train it again as a job: `python -m srtrain.run --config {best_yaml}`.",
         "",
-        "Figure: search.png (val PSNR per trial over epochs; best PSNR against learning rate and "
-        "alpha). Every trial: results.csv.",
+        "Figure: search.png (val PSNR per trial over epochs; the ranked PSNR against learning "
+        "rate and alpha). Every trial: results.csv.",
         "",
     ]
     return "\n".join(lines)
@@ -332,7 +419,8 @@ def best_config_yaml(
 
 
 def figure(rows: list[TrialRow], settings: SearchSettings) -> bytes:
-    """search.png: val PSNR over epochs per trial; best PSNR against lr and against alpha."""
+    """search.png: val PSNR over epochs per trial; the ranked (last-epoch) score against lr and
+    against alpha."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,8 +489,8 @@ def figure(rows: list[TrialRow], settings: SearchSettings) -> bytes:
             ax.set_xscale("symlog", linthresh=min(positive))
         ax.set(
             xlabel=label + (" (0: MAE only)" if key == "loss.alpha" else ""),
-            ylabel=f"best {settings.metric}",
-            title=f"best {settings.metric} vs {label}",
+            ylabel=f"last-epoch {settings.metric}",
+            title=f"last-epoch {settings.metric} vs {label}",
         )
         if pts:
             ax.legend(fontsize=8)
@@ -414,7 +502,11 @@ def figure(rows: list[TrialRow], settings: SearchSettings) -> bytes:
 
 
 def console_lines(
-    rows: list[TrialRow], settings: SearchSettings, wall_seconds: float, search_dir: str
+    rows: list[TrialRow],
+    settings: SearchSettings,
+    wall_seconds: float,
+    search_dir: str,
+    test: dict | None = None,
 ) -> str:
     b = budget(rows, settings)
     top = ranked(rows, settings)
@@ -431,6 +523,8 @@ def console_lines(
             f"{_num(w.get('val_ssim'), 3)}; "
             + ", ".join(f"{k}={_fmt_param(v)}" for k, v in top[0].params.items())
         )
+        if test:
+            lines.append(test_line(test))
     lines.append(
         f"outputs: {storage.join(search_dir, 'summary.md')}, results.csv, best.yaml, search.png"
     )

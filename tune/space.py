@@ -55,6 +55,11 @@ from srtrain.config import (
 SEARCHABLE = (
     "train.lr",
     "train.plateau_factor",
+    "train.schedule",
+    "train.warmup_steps",
+    "train.ema_decay",
+    "train.grad_clip_norm",
+    "model.bn_momentum",
     "loss.alpha",
     "loss.perceptual_layers",
     *(f"model.{flag}" for flag in ARCH_FLAGS),

@@ -1,9 +1,11 @@
 """The embedded default dataset: real photos that ship inside installed packages.
 
 scikit-image bundles a handful of photographs and scikit-learn two more; `data.source: samples`
-trains on them with no download anywhere. The split is fixed by name (three held-out photos), so
-every run and every worker sees the same train/val division. Files are read as their encoded
-bytes, exactly as shard records are, so the same tf.data decode path serves both.
+trains on them with no download anywhere. The splits are fixed by name, so every run and every
+worker sees the same division: 12 photos train, 3 validate (best checkpoint, plateau, early
+stopping, trial ranking read them) and 2 test (read once at the end of a run, by nothing else).
+Files are read as their encoded bytes, exactly as shard records are, so the same tf.data decode
+path serves both.
 """
 
 from __future__ import annotations
@@ -34,14 +36,22 @@ PHOTOS = (
 # Held out for validation: three colour photos of everyday scenes, none of them a near-duplicate
 # of a training photo (motorcycle_left and _right are a stereo pair, so both train).
 VAL_NAMES = ("chelsea", "coffee", "flower")
+# Held out for testing: two more natural colour photos (a rocket on its launch pad and a temple in
+# a landscape, both 640x427), unlike any training photo; astronaut and the motorcycle pair stay in
+# training, whose other photos are textures, grayscale or scientific images.
+TEST_NAMES = ("rocket", "china")
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+
+
+def split_of(name: str) -> str:
+    return "val" if name in VAL_NAMES else "test" if name in TEST_NAMES else "train"
 
 
 def names(split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"samples: unknown split {split!r} (allowed: {', '.join(SPLITS)})")
-    return [n for n, _, _ in PHOTOS if (n in VAL_NAMES) == (split == "val")]
+    return [n for n, _, _ in PHOTOS if split_of(n) == split]
 
 
 def read(split: str) -> list[tuple[str, bytes]]:

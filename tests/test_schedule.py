@@ -1,0 +1,86 @@
+"""The cosine schedule (computed on the device from the optimizer's step) and the epoch-end
+policy (best weights, plateau lr cuts, early stopping), as pure functions."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from srtrain import losses, models, schedule, train
+from srtrain.checkpoints import TrainState
+from srtrain.config import from_dict
+
+
+def train_cfg(**kw):
+    base = {"epochs": 4, "steps_per_epoch": 25, "lr": 1e-2, "min_lr": 1e-4}
+    return from_dict({"train": {**base, **kw}}).train
+
+
+def test_cosine_warms_up_linearly_then_decays_to_min_lr():
+    cfg = train_cfg(schedule="cosine", warmup_steps=10)
+    lrs = [float(schedule.lr_at(s, cfg)) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[4] == pytest.approx(5e-3)
+    assert lrs[9] == pytest.approx(1e-2)  # the peak at the last warmup step
+    assert lrs[10] == pytest.approx(1e-2, rel=1e-6)  # cosine starts at the base lr
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[99] == pytest.approx(1e-4)  # min_lr at the last planned step
+    mid = 10 + (99 - 10) / 2
+    assert float(schedule.lr_at(mid, cfg)) == pytest.approx((1e-2 + 1e-4) / 2, rel=1e-5)
+    # linear lr scaling passes its own base
+    assert float(schedule.lr_at(9, cfg, base_lr=4e-2)) == pytest.approx(4e-2)
+
+
+def test_the_optimizer_follows_the_schedule_from_its_own_step():
+    cfg = from_dict(
+        {"train": {"schedule": "cosine", "warmup_steps": 3, "epochs": 1, "steps_per_epoch": 10}}
+    )
+    model = models.build_unet(filters=4)
+    opt = train.make_optimizer(schedule.learning_rate(cfg.train, 1e-3), "float32")
+    opt.build(model.trainable_variables)
+    step = train.make_train_step(tf.distribute.get_strategy(), model, opt, losses.mae, 2)
+    batch = (tf.random.uniform((2, 8, 8, 3), seed=1), tf.random.uniform((2, 16, 16, 3), seed=2))
+    for n in range(1, 6):
+        step(batch)
+        assert int(opt.iterations) == n
+        assert float(opt.learning_rate) == pytest.approx(float(schedule.lr_at(n, cfg.train, 1e-3)))
+    # plateau keeps a plain float the epoch-end policy reassigns
+    assert schedule.learning_rate(from_dict({}).train, 5e-4) == 5e-4
+
+
+def row(epoch, psnr):
+    return {"epoch": epoch, "val_psnr": psnr}
+
+
+def run_policy(cfg, psnrs, lr=1e-2):
+    state, decisions = TrainState(lr=lr), []
+    for e, p in enumerate(psnrs, 1):
+        state, d = schedule.epoch_end_policy(state, row(e, p), cfg)
+        decisions.append(d)
+    return state, decisions
+
+
+def test_plateau_cuts_the_lr_after_patience_epochs_without_a_better_val_psnr():
+    cfg = train_cfg(plateau_patience=2, plateau_factor=0.5, early_stop_patience=0)
+    state, d = run_policy(cfg, [20.0, 21.0, 20.5, 20.9, 20.8, 20.7])
+    assert [x.improved for x in d] == [True, True, False, False, False, False]
+    assert [x.lr_reduced for x in d] == [False, False, False, True, False, True]
+    assert state.lr == pytest.approx(2.5e-3)
+    assert state.best_psnr == 21.0 and state.best_epoch == 2
+    assert state.best_metrics == row(2, 21.0)
+    assert not any(x.stop for x in d)
+
+
+def test_cosine_never_cuts_the_lr_and_early_stopping_still_counts():
+    cfg = train_cfg(schedule="cosine", plateau_patience=1, early_stop_patience=3)
+    state, d = run_policy(cfg, [20.0, 19.0, 19.5, 19.9])
+    assert not any(x.lr_reduced for x in d) and state.lr == 1e-2
+    assert [x.stop for x in d] == [False, False, False, True]
+
+
+def test_the_policy_returns_a_new_state():
+    state = TrainState(lr=1e-2)
+    new, _ = schedule.epoch_end_policy(state, row(1, 20.0), train_cfg())
+    assert state.best_psnr == float("-inf") and new.best_psnr == 20.0
+    assert math.isfinite(new.best_psnr) and np.isclose(new.lr, 1e-2)
