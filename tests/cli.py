@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,3 +27,18 @@ def run_srtrain(
         timeout=timeout,
         check=False,
     )
+
+
+def run_mode(test_file: str, mode: str, timeout: float = 600) -> dict:
+    """Runs `python TEST_FILE MODE` (a test module's own `__main__`, for what must start in a
+    fresh process, e.g. logical CPU devices) and returns the JSON object on its last line."""
+    p = subprocess.run(
+        [sys.executable, test_file, mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])

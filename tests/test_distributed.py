@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import run_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,15 +195,7 @@ def _fp16_overflow_check() -> dict:
 
 @pytest.fixture(scope="module")
 def mirrored():
-    p = subprocess.run(
-        [sys.executable, __file__, "mirrored"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_mode(__file__, "mirrored")
 
 
 def test_mirrored_strategy_over_two_logical_cpus(mirrored):

@@ -6,12 +6,12 @@ TensorFlow fixes its devices at start-up: this file doubles as the script that p
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import run_mode
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = ["data.patch_size=32", "data.batch_size=4", "model.filters=4"]
@@ -194,15 +194,7 @@ def test_eval_dataset_is_the_same_on_both_paths():
 
 
 def test_same_lr_on_both_paths_two_logical_cpus():
-    p = subprocess.run(
-        [sys.executable, __file__, "mirrored"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out = run_mode(__file__, "mirrored")
     assert out["strategy"] == "MirroredStrategy"
     _check_comparison(out, replicas=2)
 

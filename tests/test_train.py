@@ -8,12 +8,12 @@ file doubles as the script that process runs.
 
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli import run_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,15 +137,7 @@ def _mirrored_check() -> dict:
 
 @pytest.mark.slow
 def test_clipping_and_ema_under_mirrored_strategy():
-    p = subprocess.run(
-        [sys.executable, __file__, "mirrored"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out = run_mode(__file__, "mirrored")
     assert out["replicas"] == 2
     assert out["moved"] > 1e-3
     assert out["clip_diff_vs_single"] < 1e-5
