@@ -447,7 +447,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
             "epoch": epoch,
             "step": state.step,
             "train_loss": meter.mean(),
-            "lr": float(optimizer.learning_rate),  # at the epoch's end
+            "lr": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),  # at the epoch end
             "images_per_sec": images_per_sec,
             "input_wait": wait / max(seconds, 1e-9),
             "seconds": seconds,
