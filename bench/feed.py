@@ -22,7 +22,8 @@ paths alike; figures are medians over repeats. Per core, two ways:
   pairs_per_cpu_s       pairs / CPU seconds this process consumed (all threads): steadier on a
                         shared machine, and what a worker pays whatever its core count
 cores_per_gpu = demand_img_per_s / pairs_per_s_per_core (cores_per_gpu_by_cpu_s from the other),
-with demand_img_per_s = 5,600: Base U-Net bf16 at batch 64 on one H200 (DESIGN.md).
+with demand_img_per_s = 5,600: Base U-Net bf16 at batch 64 on one H200, measured with
+srtrain/models.py under Keras 3.15 on JAX (bench/README.md).
 
 --iapr-scale (bench/results/feed_iapr.json). 20,000 JPEG photos the size of IAPR TC-12's (most
 480x360, about a fifth portrait 360x480, a few other shapes with the short side >= 320; quality
@@ -57,7 +58,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 BSD200 = REPO.parent / "shared" / "datasets" / "bsd200"
-DEMAND = 5600  # img/s: Base U-Net, bf16, batch 64, one NVIDIA H200 (DESIGN.md, issue 11)
+# img/s: Base U-Net, bf16, batch 64, one NVIDIA H200, measured with srtrain/models.py (Keras 3.15,
+# JAX backend)
+DEMAND = 5600
 PATHS = {
     "default": [],
     "patches2": ["data.patches_per_image=2"],
@@ -202,7 +205,10 @@ def feed(args) -> int:
             f"481x321) as JPEG quality {args.quality} in local shards"
         ),
         "demand_img_per_s": DEMAND,
-        "demand": "Base U-Net bf16, batch 64, one NVIDIA H200 (DESIGN.md)",
+        "demand": (
+            "Base U-Net bf16, batch 64, one NVIDIA H200, measured with srtrain/models.py "
+            "(Keras 3.15, JAX backend)"
+        ),
         "per_core": {
             "pairs_per_s_per_core": "wall-clock pairs/s divided by the cores this process may use",
             "pairs_per_cpu_s": "pairs per CPU second this process consumed (all threads)",
@@ -523,12 +529,9 @@ def worker_shares(dest: Path, train_shards: int, batches: int) -> dict:
     return {
         "workers": 8,
         "train_shards": train_shards,
-        "worker_reads": (
-            f"its own {train_shards // 8}+ of the {train_shards} train shards"
-            if train_shards >= 8
-            else f"all {train_shards} train shards, keeping every 8th image (fewer shards "
-            "than workers: element-wise sharding)"
-        ),
+        # The split's rows are dealt in contiguous equal ranges: a worker reads the row groups
+        # of its eighth, from however many shards that range touches.
+        "worker_reads": "an eighth of the train images, a contiguous range of rows",
         "no_cache": worker_share(dest, base, batches),
         "decoded_cache": cache_fill(dest, batches),
     }
