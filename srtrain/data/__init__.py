@@ -491,6 +491,9 @@ def fill_cache(cfg: Config, index: int, count: int, need: int, n: int) -> Decode
     return DecodedCache(pixels, *(np.array(v, np.int64) for v in (offsets, heights, widths)))
 
 
+_SCRATCH = threading.local()
+
+
 def _put_dihedral(src: np.ndarray, code: int, dst: np.ndarray) -> None:
     """dst = one of the 8 flips and rotations of square src, as `random_dihedral` composes them:
     transpose (code & 4), then reverse the row order (code & 2), then each row (code & 1).
@@ -502,11 +505,19 @@ def _put_dihedral(src: np.ndarray, code: int, dst: np.ndarray) -> None:
         return
     flip = {1: 1, 2: 0, 3: -1}.get(code & 3)
     if code & 4:
-        cv2.transpose(src, dst=dst)
+        # A transpose reads its source column-wise: from the cold cache that costs several
+        # times a copy, so the window is first copied (row-wise) into a buffer that stays in
+        # this thread's CPU cache, and transposed from there.
+        scratch = getattr(_SCRATCH, "buf", None)
+        if scratch is None or scratch.shape != src.shape:
+            scratch = _SCRATCH.buf = np.empty(src.shape, np.uint8)
+        np.copyto(scratch, src)
+        cv2.transpose(scratch, dst=dst)
         if flip is not None:
             cv2.flip(dst, flip, dst=dst)
     elif flip is not None:
-        cv2.flip(src, flip, dst=dst)
+        np.copyto(dst, src)
+        cv2.flip(dst, flip, dst=dst)
     else:
         np.copyto(dst, src)
 
