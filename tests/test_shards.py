@@ -399,7 +399,8 @@ logging.getLogger("srtrain.data").setLevel(logging.INFO)
 @pytest.mark.s3
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_ray_workers_train_from_s3_on_equal_shares(s3, s3_env, tmp_path, monkeypatch):
+@pytest.mark.parametrize("gpu_path", [False, True], ids=["streamed", "decoded-cache+replica"])
+def test_two_ray_workers_train_from_s3_on_equal_shares(s3, s3_env, tmp_path, monkeypatch, gpu_path):
     src = tmp_path / "src"
     small = plant_bundled_photos(src, 12)
     plant_bad_files(src)
@@ -439,6 +440,8 @@ def test_two_ray_workers_train_from_s3_on_equal_shares(s3, s3_env, tmp_path, mon
         "train.epochs=1",
         "train.steps_per_epoch=3",
     ]
+    if gpu_path:  # what the GPU jobs run: decoded once per worker, degraded in the train step
+        sets += ["data.decoded_cache=true", "degradation.on=replica"]
     p = run_srtrain(
         *[a for s in sets for a in ("--set", s)],
         "--output",
@@ -460,3 +463,9 @@ def test_two_ray_workers_train_from_s3_on_equal_shares(s3, s3_env, tmp_path, mon
     train_shards = {s["name"] for s in m["splits"]["train"]["shards"]}
     assert {p.split("[")[0] for _, parts in reads.values() for p in parts} == train_shards
     assert (tmp_path / "runs" / "e2e" / "result.json").exists()
+    decoded = re.findall(r"pipeline (\d)/2: decoded (\d+) images", out)
+    if gpu_path:
+        assert sorted(int(i) for i, _ in decoded) == [0, 1], out[-4000:]
+        assert sum(int(n) for _, n in decoded) == total  # each image in exactly one cache
+    else:
+        assert not decoded
