@@ -160,6 +160,12 @@ class TrainConfig:
     grad_clip_norm: float = 0.0
     # Epochs without a better val PSNR before stopping (0: never stop early).
     early_stop_patience: int = 7
+    # Wall-time budget for training, validation included (0: none). At an epoch end the run
+    # stops if one more epoch, as long as the longest so far, would pass it; the time counts
+    # from the first step (a resumed run adds the time its checkpoint recorded). The best-on-val
+    # weights are then tested and exported as after early stopping. With the cosine schedule lr
+    # has not decayed to min_lr when the budget ends it; train.ema_decay smooths that.
+    time_limit_minutes: float = 0.0
     seed: int = 2077
     # "auto": bf16 where the hardware has fast bf16 (AMX CPUs, Ampere+ GPUs), else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -503,6 +509,12 @@ def _validate(cfg: Config) -> None:
         f"an integer in [0, {total}) (train.epochs x train.steps_per_epoch)",
     )
     _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "a number in [0, 1) (0: off)")
+    _check(
+        t.time_limit_minutes >= 0,
+        "train.time_limit_minutes",
+        t.time_limit_minutes,
+        "a number >= 0 (0: no limit)",
+    )
     _check(
         t.grad_clip_norm >= 0, "train.grad_clip_norm", t.grad_clip_norm, "a number >= 0 (0: off)"
     )

@@ -60,6 +60,7 @@ class EpochDecision:
     improved: bool  # a new best val PSNR: keep these weights as the best
     lr_reduced: bool  # plateau: state.lr was cut; assign it to the optimizer
     stop: bool  # early stopping
+    out_of_time: bool = False  # train.time_limit_minutes: one more epoch would not fit
 
 
 def epoch_end_policy(
@@ -67,11 +68,23 @@ def epoch_end_policy(
 ) -> tuple[TrainState, EpochDecision]:
     """The state after epoch `row["epoch"]` validated at `row["val_psnr"]`, and what changed.
 
+    `row["epoch_seconds"]`: the epoch's wall time, training and validation (the same number on
+    every worker). With `time_limit_minutes`, stops when one more epoch as long as the longest
+    so far would end past the limit.
+
     Plateau: after `plateau_patience` epochs without a better val PSNR, lr x `plateau_factor`
     (not below `min_lr`). Cosine: lr follows `lr_at`, validation only picks the best and stops.
     """
     improved = row["val_psnr"] > state.best_psnr + MIN_DELTA
     lr_reduced = stop = False
+    seconds = float(row.get("epoch_seconds", 0.0))
+    state = dataclasses.replace(
+        state,
+        train_seconds=state.train_seconds + seconds,
+        longest_epoch_seconds=max(state.longest_epoch_seconds, seconds),
+    )
+    limit = cfg.time_limit_minutes * 60.0
+    out_of_time = bool(limit) and state.train_seconds + state.longest_epoch_seconds > limit
     if improved:
         state = dataclasses.replace(
             state,
@@ -95,4 +108,4 @@ def epoch_end_policy(
             )
             lr_reduced = True
         stop = bool(cfg.early_stop_patience) and state.early_stop_wait >= cfg.early_stop_patience
-    return state, EpochDecision(improved, lr_reduced, stop)
+    return state, EpochDecision(improved, lr_reduced, stop or out_of_time, out_of_time)

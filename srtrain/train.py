@@ -453,6 +453,10 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
             "seconds": seconds,
         }
         row.update(validate(strategy, eval_step, val_ds, cfg.train.val_steps))
+        # The mean over workers, so every worker takes the same time-limit decision.
+        row["epoch_seconds"] = float(
+            _allreduce_sum(strategy, np.array([time.perf_counter() - t0]))[0] / ctx.world_size
+        )
         state.epoch = epoch
 
         state, decision = schedule.epoch_end_policy(state, row, cfg.train)
@@ -464,6 +468,8 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         if decision.stop:
             stopped_early = True
             row["stopped_early"] = True
+        if decision.out_of_time:
+            row["time_limit"] = True
         row["best"] = decision.improved
         if ctx.chief:
             ctx.log_fn(_progress_line(row, cfg.train.epochs))
@@ -485,6 +491,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         "steps": state.step,
         "planned_steps": total_steps,
         "stopped_early": stopped_early,
+        "train_seconds": state.train_seconds,
         "images_per_sec": images_per_sec,
         "replicas": replicas,
         "global_batch": global_batch,
@@ -580,7 +587,9 @@ def _progress_line(row: dict, epochs: int) -> str:
         )
     if "lr_reduced_to" in row:
         line += f"  (lr -> {row['lr_reduced_to']:.1e})"
-    if row.get("stopped_early"):
+    if row.get("time_limit"):
+        line += "  time limit: another epoch would not fit"
+    elif row.get("stopped_early"):
         line += "  early stop"
     return line
 

@@ -143,10 +143,30 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path, quality):
         assert (
             tmp_path / "r" / "checkpoints" / "checkpoint_00000040" / "train_weights.npz"
         ).exists()
+    # the wall time of the first run's epoch carries over into the resumed run's count
+    first = json.loads(
+        (tmp_path / "r" / "checkpoints" / "checkpoint_00000020" / "state.json").read_text()
+    )
+    assert first["train_seconds"] > 0
+    assert result["train_seconds"] > first["train_seconds"]
     # the run keeps the config it started with; command.txt lists both commands that ran it
     assert (tmp_path / "r" / "config.yaml").read_bytes() == config
     commands = (tmp_path / "r" / "command.txt").read_text().splitlines()
     assert len(commands) == 2 and commands[1].endswith("--resume")
+
+
+@pytest.mark.slow
+def test_the_time_limit_ends_the_run_at_an_epoch_end_and_tests_it(tmp_path):
+    p = run_cli(
+        "--local", *TINY, "--set", "train.epochs=5", "--set", "train.time_limit_minutes=0.001",
+        "--output", str(tmp_path), "--name", "r",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "epoch 1/5" in p.stdout and "time limit: another epoch would not fit" in p.stdout
+    assert "epoch 2/5" not in p.stdout and "done: test_psnr" in p.stdout
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["epochs"] == 1 and result["stopped_early"] and result["train_seconds"] > 0.06
+    assert result["test_psnr"] is not None
 
 
 # Tiny enough to fail fast: the Ray-mode tests pay Ray's start-up for each command.

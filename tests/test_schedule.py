@@ -84,3 +84,28 @@ def test_the_policy_returns_a_new_state():
     new, _ = schedule.epoch_end_policy(state, row(1, 20.0), train_cfg())
     assert state.best_psnr == float("-inf") and new.best_psnr == 20.0
     assert math.isfinite(new.best_psnr) and np.isclose(new.lr, 1e-2)
+
+
+def test_the_time_limit_stops_when_one_more_epoch_would_not_fit():
+    cfg = train_cfg(time_limit_minutes=10, early_stop_patience=0, epochs=20)
+    state, stops = TrainState(lr=1e-2), []
+    # epochs of 150, 170, 160, 165 s: after the third 480 s are used and the longest took 170,
+    # 650 > 600 would not fit... after the second 320 + 170 = 490 fits
+    for e, secs in enumerate([150.0, 170.0, 160.0], 1):
+        state, d = schedule.epoch_end_policy(
+            state, {**row(e, 20.0 + e), "epoch_seconds": secs}, cfg
+        )
+        stops.append((d.stop, d.out_of_time))
+    assert stops == [(False, False), (False, False), (True, True)]
+    assert state.train_seconds == pytest.approx(480.0)
+    assert state.longest_epoch_seconds == pytest.approx(170.0)
+    assert state.best_epoch == 3  # the last epoch still counts for best
+
+
+def test_without_a_time_limit_time_is_only_counted():
+    cfg = train_cfg(early_stop_patience=0)
+    state = TrainState(lr=1e-2)
+    for e in range(1, 4):
+        state, d = schedule.epoch_end_policy(state, {**row(e, 20.0), "epoch_seconds": 1e6}, cfg)
+        assert not d.stop and not d.out_of_time
+    assert state.train_seconds == pytest.approx(3e6)
