@@ -76,12 +76,16 @@ ALGORITHMS = ("optuna", "hyperopt", "random")
 # small patches and filters, few steps per epoch, two one-worker trials at a time.
 DEFAULT_JOB: dict[str, Any] = {
     "data": {"source": "samples", "patch_size": 64, "val_patch_size": 128, "batch_size": 8},
-    "model": {"arch": "base", "filters": 16},
+    "model": {"arch": "base", "filters": 16, "bn_momentum": 0.9},
     "loss": {"kind": "mae"},
     "train": {
-        "epochs": 8,
+        "epochs": 10,
         "steps_per_epoch": 120,
-        "lr": 1.0e-3,
+        "lr": 3.0e-3,
+        "schedule": "cosine",
+        "warmup_steps": 100,
+        "min_lr": 1.0e-5,
+        "ema_decay": 0.99,
         "early_stop_patience": 0,
         "sample_images": 2,
     },
@@ -91,15 +95,15 @@ DEFAULT_JOB: dict[str, Any] = {
         "mode": "max",
         "algorithm": "optuna",
         "seed": 2077,
-        "num_samples": 10,
+        "num_samples": 8,
         "max_concurrent_trials": 0,
         "scheduler": {"grace_period": 2, "reduction_factor": 2, "max_epochs": 0},
         "space": {
-            "train.lr": {"loguniform": [3.0e-4, 1.0e-2]},
+            "train.lr": {"loguniform": [1.0e-3, 1.0e-2]},
             # MAE only here: VGG19 ImageNet weights cannot be downloaded on this machine.
             "loss.alpha": {"choice": [0.0]},
             **{f"model.{flag}": {"choice": [False, True]} for flag in ARCH_FLAGS},
-            "model.filters": {"choice": [12, 16, 24]},
+            "model.filters": {"choice": [16, 24, 32]},
         },
     },
 }
