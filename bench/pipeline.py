@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
         server = SeaweedS3(bucket="bench").start()
         os.environ.update(server.env)
-        os.environ["SRTRAIN_CACHE_DIR"] = str(work / "cache")
+        os.environ["SRTRAIN_CACHE"] = str(work / "cache")
         s3_uri = "s3://bench/bsd200-jpeg95"
         builder.build(
             str(work / "bsd200-jpeg95"), s3_uri, split=split, shard_size=2 * 2**20, progress=False

@@ -312,6 +312,16 @@ def check_bucket(uri: str, endpoint_url: str = "", region: str = "") -> None:
         raise StorageError(f"s3://{bucket}: the bucket does not exist")
 
 
+def cache_dir(kind: str) -> Path:
+    """Where local copies of stored objects of one kind go: `$SRTRAIN_CACHE/<kind>`, by default
+    ~/.cache/srtrain/<kind>. Kinds: "shards" (`data.cache` copies and spool files of the shard
+    reader) and "vgg19" (VGG19 weights from S3). SRTRAIN_CACHE_DIR, the shards' older setting,
+    still names their directory when it is set."""
+    if kind == "shards" and os.environ.get("SRTRAIN_CACHE_DIR"):
+        return Path(os.environ["SRTRAIN_CACHE_DIR"])
+    return Path(os.environ.get("SRTRAIN_CACHE") or "~/.cache/srtrain").expanduser() / kind
+
+
 def download(uri: str, local_path: str | Path, endpoint_url: str = "", region: str = "") -> None:
     """Copies an object to a local file atomically (a concurrent reader never sees half of it)."""
     fs, path = resolve(uri, endpoint_url, region)

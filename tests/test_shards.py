@@ -292,20 +292,21 @@ def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_pa
         assert path in out
     code, out, err = cli(capsys, "verify", dest)
     assert code == 0 and "verify OK" in out
-    monkeypatch.setenv("SRTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SRTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SRTRAIN_CACHE_DIR", raising=False)
     m = manifest.load_manifest(dest)
     sh = m["splits"]["train"]["shards"][0]
     rows = list(shards.read_shard(f"{dest}/{sh['name']}", cache_key=sh["sha256"]))
     assert len(rows) == sh["images"]
-    cached = tmp_path / "cache" / f"{sh['sha256']}.parquet"
+    cached = tmp_path / "cache" / "shards" / f"{sh['sha256']}.parquet"
     assert cached.exists() and cached.stat().st_size == sh["bytes"]
     assert list(shards.read_shard(f"{dest}/{sh['name']}", cache_key=sh["sha256"])) == rows
     # Uncached: in memory when the manifest gives the size, else through a spool file that is
     # gone after the pass.
     assert list(shards.read_shard(f"{dest}/{sh['name']}", size=sh["bytes"])) == rows
-    assert not (tmp_path / "cache" / "spool").exists()
+    assert not (tmp_path / "cache" / "shards" / "spool").exists()
     assert list(shards.read_shard(f"{dest}/{sh['name']}")) == rows
-    assert not list((tmp_path / "cache" / "spool").iterdir())
+    assert not list((tmp_path / "cache" / "shards" / "spool").iterdir())
 
 
 @pytest.mark.s3

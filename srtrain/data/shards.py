@@ -25,10 +25,6 @@ from srtrain.storage import StorageError
 log = logging.getLogger("srtrain.data")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SRTRAIN_CACHE_DIR") or Path(tempfile.gettempdir(), "srtrain-cache"))
-
-
 # An uncached S3 shard up to this size is read into memory with one GET; a bigger one is spooled
 # to local disk. The reader streams up to 8 shards at once: 8 x 128 MB in memory at most.
 IN_MEMORY_MAX = 128 * 2**20
@@ -72,7 +68,7 @@ def read_shard_blocks(
         yield from _row_groups(pq.ParquetFile(pa.BufferReader(data)), columns, **plan)
         return
     if storage.is_s3(uri) and not small:
-        local = cache_dir() / (f"{cache_key}.parquet" if cache_key else "spool")
+        local = storage.cache_dir("shards") / (f"{cache_key}.parquet" if cache_key else "spool")
         if not cache_key:
             local.mkdir(parents=True, exist_ok=True)
             fd, spool = tempfile.mkstemp(dir=local, suffix=".parquet")
