@@ -332,24 +332,16 @@ def test_three_shards_two_pipelines_read_equal_shares(coded_dataset):
 
 def test_every_pass_reads_the_share_once_in_a_new_order(coded_dataset):
     cfg = coded_cfg(coded_dataset)
-    ids = [
-        x.decode()
-        for x in shards.records(cfg, "train", seed=3)
-        .take(36)
-        .map(lambda r: r["id"])
-        .as_numpy_iterator()
-    ]
+
+    def read_ids() -> list[str]:
+        ds = shards.records(cfg, "train", seed=3).take(36).map(lambda r: r["id"])
+        return [x.decode() for x in ds.as_numpy_iterator()]
+
+    ids = read_ids()
     passes = [ids[0:12], ids[12:24], ids[24:36]]
     assert all(sorted(p) == sorted(passes[0]) and len(set(p)) == 12 for p in passes)
     assert len({tuple(p) for p in passes}) == 3  # shard and row-group order differ per pass
-    again = [
-        x.decode()
-        for x in shards.records(cfg, "train", seed=3)
-        .take(36)
-        .map(lambda r: r["id"])
-        .as_numpy_iterator()
-    ]
-    assert again == ids  # from the seed
+    assert read_ids() == ids  # from the seed
 
 
 def test_resume_continues_the_stream_where_it_stopped(coded_dataset):

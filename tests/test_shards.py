@@ -21,8 +21,6 @@ from srtrain.data import __main__ as data_cli
 from srtrain.data import builder, manifest, samples, shards
 from srtrain.storage import StorageError
 
-REPO = Path(__file__).resolve().parents[1]
-
 # Planted bad files and the reason the manifest must give for each.
 PLANTED = {
     "bad/zero.jpg": "empty file",
@@ -30,6 +28,7 @@ PLANTED = {
     "bad/garbage.png": "not an image",
     "bad/tiny.png": "too small",
 }
+REPO = Path(__file__).resolve().parents[1]
 
 
 def photo(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -167,8 +167,8 @@ def _put_dihedral(src: np.ndarray, code: int, dst: np.ndarray) -> None:
     flip = {1: 1, 2: 0, 3: -1}.get(code & 3)
     if code & 4:
         # A transpose reads its source column-wise: from the cold cache that costs several
-        # times a copy, so the window is first copied (row-wise) into a buffer that stays in
-        # this thread's CPU cache, and transposed from there.
+        # times a copy (bench/README.md), so the window is first copied (row-wise) into a
+        # buffer that stays in this thread's CPU cache, and transposed from there.
         scratch = getattr(_SCRATCH, "buf", None)
         if scratch is None or scratch.shape != src.shape:
             scratch = _SCRATCH.buf = np.empty(src.shape, np.uint8)
@@ -216,8 +216,7 @@ def _stop_cache_generators() -> None:
 
 def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     """An uninitialised uint8 array at a 64-byte aligned address: TensorFlow takes it over as a
-    tensor without copying (from_generator copies any other; that copy cost as much as cutting
-    the patches)."""
+    tensor without copying (from_generator copies any other: bench/README.md)."""
     n = int(np.prod(shape))
     raw = np.empty(n + 64, np.uint8)
     at = -raw.ctypes.data % 64

@@ -79,9 +79,9 @@ def random_dihedral(img: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """One of the 8 flips and rotations of a square (S, S, C) image, uniformly at random.
 
     The same distribution as a random left-right flip followed by a random rot90 (the original
-    project's augmentation), at about 60% of the cost: each of the 8 is a transpose, a reversal of
-    the row order and a reversal of each row, each taken or not; the row order is reversed with
-    a gather (a copy per row) instead of tf.reverse (an index per element).
+    project's augmentation), for less work (bench/README.md): each of the 8 is a transpose, a
+    reversal of the row order (a gather, a copy per row) and a reversal of each row, each taken
+    or not.
     """
     transpose, flip_rows, flip_cols = tf.unstack(
         tf.random.stateless_uniform([3], seed, minval=0, maxval=2, dtype=tf.int32) > 0
@@ -154,9 +154,8 @@ def to_float(img: tf.Tensor) -> tf.Tensor:
 def gaussian_noise(shape: tf.Tensor, seed: tf.Tensor, stddev: float) -> tf.Tensor:
     """N(0, stddev^2) noise by Box-Muller over stateless uniforms, exactly Gaussian.
 
-    About twice as cheap on CPU as tf.random.stateless_normal, whose per-element transform is
-    the single most expensive op of the training pipeline (measured: bench/pipeline.py). Both
-    outputs of each Box-Muller pair come from one cos: sin(t) = cos(t - pi/2).
+    Used instead of tf.random.stateless_normal, which costs about twice as much (bench/README.md).
+    Both outputs of each Box-Muller pair come from one cos: sin(t) = cos(t - pi/2).
     """
     n = tf.reduce_prod(shape)
     u = tf.random.stateless_uniform(tf.stack([2, (n + 1) // 2]), seed)  # [0, 1)
@@ -189,7 +188,7 @@ def degrade_batch(hr: tf.Tensor, seeds: tf.Tensor, cfg: Config) -> tuple[tf.Tens
 def dataset_options() -> tf.data.Options:
     """The tf.data options of every pipeline: one thread per op."""
     # Many small ops run in parallel across elements; splitting each op over threads as well
-    # costs more in synchronisation than it gains (measured: bench/pipeline.py).
+    # costs more in synchronisation than it gains (bench/README.md).
     opts = tf.data.Options()
     opts.threading.max_intra_op_parallelism = 1
     return opts

@@ -61,9 +61,8 @@ def read_shard_blocks(
     plan = dict(rows=rows, order_seed=order_seed)
     small = "image" not in columns
     if storage.is_s3(uri) and not small and not cache_key and 0 < size <= IN_MEMORY_MAX:
-        # A sized read in memory costs the client about 40% of the CPU of a spool to disk and
-        # back, and the server no more than one streaming GET; ranged requests per row group
-        # cost the server more (measured on SeaweedFS).
+        # Cheaper for the client than a spool to disk and back, and for the server than ranged
+        # requests per row group (bench/README.md).
         data = storage.read_bytes(uri, endpoint_url, region)
         yield from _row_groups(pq.ParquetFile(pa.BufferReader(data)), columns, **plan)
         return
