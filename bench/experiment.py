@@ -47,7 +47,8 @@ EXPERIMENTS = [
     "exp4-advanced-vgg-b5c4-0.005",
     "exp5-advanced-vgg-b5c4-0.02",
 ]
-# The original's figures on its 3,000 IAPR TC-12 test images (RGB, 256 center crops), DESIGN.md.
+# The original's test results on IAPR TC-12 (RGB PSNR / SSIM, 256 center crops): README.md,
+# "The original project".
 ORIGINAL = {
     "exp1-base-mae": (25.78, 0.699),
     "exp2-advanced-mae": (25.41, 0.679),

@@ -137,7 +137,7 @@ def feed(args) -> int:
     import tensorflow as tf
 
     from srtrain import data
-    from srtrain.data import shards
+    from srtrain.data import builder
 
     if not BSD200.is_dir():
         print(f"error: {BSD200} not found (the shared datasets)", file=sys.stderr)
@@ -147,7 +147,7 @@ def feed(args) -> int:
     try:
         make_jpegs(BSD200, work / "jpeg", args.quality)
         local = work / "shards"
-        shards.build(
+        builder.build(
             str(work / "jpeg"), str(local), split={"train": 1.0}, shard_size=2 * 2**20,
             progress=False,
         )  # fmt: skip

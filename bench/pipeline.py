@@ -39,7 +39,7 @@ from PIL import Image
 
 from srtrain import data
 from srtrain.config import load_config
-from srtrain.data import shards
+from srtrain.data import builder
 
 REPO = Path(__file__).resolve().parents[1]
 BSD200 = REPO.parent / "shared" / "datasets" / "bsd200"
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     files = make_jpegs(BSD200, work / "bsd200-jpeg95")
     local = work / "shards"
     split = {"train": 1.0}
-    shards.build(
+    builder.build(
         str(work / "bsd200-jpeg95"), str(local), split=split, shard_size=2 * 2**20, progress=False
     )
     base = [f"data.patch_size={args.patch}", f"data.batch_size={args.batch}"]
@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
         server = SeaweedS3(bucket="bench").start()
         os.environ.update(server.env)
-        os.environ["SRTRAIN_CACHE_DIR"] = str(work / "cache")
+        os.environ["SRTRAIN_CACHE"] = str(work / "cache")
         s3_uri = "s3://bench/bsd200-jpeg95"
-        shards.build(
+        builder.build(
             str(work / "bsd200-jpeg95"), s3_uri, split=split, shard_size=2 * 2**20, progress=False
         )
         pid = server.proc.pid

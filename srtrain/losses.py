@@ -11,7 +11,7 @@ VGG19 weights (`loss.vgg_weights`):
 - a local file: `.weights.h5` (saved by `model.save_weights`) or Keras' own `.h5`
   (vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5).
 - `s3://bucket/key.weights.h5`: for air-gapped clusters. Each worker downloads it once into
-  `$SRTRAIN_CACHE` (default ~/.cache/srtrain)/vgg19/ and checks its SHA-256, given either as a
+  `$SRTRAIN_CACHE/vgg19/` (`storage.cache_dir`) and checks its SHA-256, given either as a
   `#sha256=<hex>` suffix on the URI or by a sibling object `<key>.sha256` (the first word of
   `sha256sum` output). A cached copy whose checksum matches is not downloaded again.
 Missing or unreadable weights raise `VGGWeightsError` (one line saying how to provide them) when
@@ -53,10 +53,6 @@ def mae(hr: tf.Tensor, sr: tf.Tensor) -> tf.Tensor:
 # --- VGG19 weights ------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SRTRAIN_CACHE", "~/.cache/srtrain")).expanduser() / "vgg19"
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,7 +86,7 @@ def fetch_weights(spec: str, endpoint_url: str = "", region: str = "") -> str:
         if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
             raise _fail(spec, f"malformed SHA-256 {expected!r}")
         # Named by the checksum, so a changed object is a different file, never a stale one.
-        local = cache_dir() / expected / Path(uri).name
+        local = storage.cache_dir("vgg19") / expected / Path(uri).name
         if local.is_file() and _sha256(local) == expected:
             return str(local)
         data = storage.read_bytes(uri, endpoint_url, region)

@@ -13,7 +13,7 @@ from PIL import Image
 from srtrain import data
 from srtrain import degrade as degrade_ops
 from srtrain.config import load_config
-from srtrain.data import shards
+from srtrain.data import builder, decoded, ops, shards
 
 
 def encoded(fmt: str, w: int = 300, h: int = 280, seed: int = 0) -> tuple[bytes, np.ndarray]:
@@ -33,7 +33,7 @@ def dataset(tmp_path_factory):
         data_bytes, _ = encoded(fmt, 260 + 7 * i, 256 + 3 * i, seed=i)
         (src / f"p{i:02d}.{fmt.lower()}").write_bytes(data_bytes)
     dest = tmp_path_factory.mktemp("shards")
-    m = shards.build(
+    m = builder.build(
         str(src),
         str(dest),
         split={"train": 0.75, "val": 0.25},
@@ -54,8 +54,8 @@ def cfg_for(dest, *extra):
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_decode_window_equals_decode_then_slice(fmt):
     img, _ = encoded(fmt)
-    full = data.decode(tf.constant(img)).numpy()
-    win = data.decode_window(tf.constant(img), tf.constant(17), tf.constant(40), 64).numpy()
+    full = ops.decode(tf.constant(img)).numpy()
+    win = ops.decode_window(tf.constant(img), tf.constant(17), tf.constant(40), 64).numpy()
     ref = full[17:81, 40:104]
     # libjpeg's chroma upsampling sees no neighbour beyond the window's last column/row.
     np.testing.assert_array_equal(win[:-1, :-1], ref[:-1, :-1])
@@ -66,16 +66,16 @@ def test_image_shape_from_header_or_columns():
     jpg, _ = encoded("JPEG", 300, 280)
     png, _ = encoded("PNG", 290, 270)
     for blob, hw in ((jpg, (280, 300)), (png, (270, 290))):
-        h, w = data.image_shape({"image": tf.constant(blob)})
+        h, w = ops.image_shape({"image": tf.constant(blob)})
         assert (int(h), int(w)) == hw
-    h, w = data.image_shape({"image": tf.constant(b""), "height": 5, "width": 6})
+    h, w = ops.image_shape({"image": tf.constant(b""), "height": 5, "width": 6})
     assert (h, w) == (5, 6)
 
 
 def test_random_window_is_uniform_over_valid_offsets():
     tops, lefts = [], []
     for i in range(2000):
-        t, left = data.random_window(tf.constant(70), tf.constant(67), 64, tf.constant([i, 7]))
+        t, left = ops.random_window(tf.constant(70), tf.constant(67), 64, tf.constant([i, 7]))
         tops.append(int(t))
         lefts.append(int(left))
     assert sorted(set(tops)) == list(range(7)) and sorted(set(lefts)) == list(range(4))
@@ -85,7 +85,7 @@ def test_random_window_is_uniform_over_valid_offsets():
 
 def test_random_patch_is_a_flip_rot90_of_a_window():
     blob, arr = encoded("PNG", 100, 90)
-    patch = data.random_patch(
+    patch = ops.random_patch(
         tf.constant(blob), tf.constant(90), tf.constant(100), 64, tf.constant([3, 4], tf.int64)
     ).numpy()
     assert any(
@@ -108,7 +108,7 @@ def test_random_dihedral_draws_each_of_the_8_uniformly():
     counts = np.zeros(8)
     n = 800
     for i in range(n):
-        out = data.random_dihedral(tf.constant(arr), tf.constant([i, 11], tf.int64)).numpy()
+        out = ops.random_dihedral(tf.constant(arr), tf.constant([i, 11], tf.int64)).numpy()
         counts[[j for j, o in enumerate(options) if np.array_equal(out, o)]] += 1
     assert counts.sum() == n  # every output is one of the 8
     assert np.all(np.abs(counts / n - 1 / 8) < 0.04), counts
@@ -118,8 +118,8 @@ def test_random_dihedral_draws_each_of_the_8_uniformly():
 def test_random_patches_are_transformed_windows_of_one_decode(fmt):
     blob, arr = encoded(fmt, 100, 90, seed=3)
     if fmt == "JPEG":  # compare with this decoder's pixels, not the array before compression
-        arr = data.decode(tf.constant(blob)).numpy()
-    out = data.random_patches(
+        arr = ops.decode(tf.constant(blob)).numpy()
+    out = ops.random_patches(
         tf.constant(blob), tf.constant(90), tf.constant(100), 64, tf.constant([5, 6], tf.int64), 3
     ).numpy()
     assert out.shape == (3, 64, 64, 3)
@@ -142,7 +142,7 @@ def solid_dataset(tmp_path_factory):
     for i in range(12):
         Image.new("RGB", (90 + 5 * i, 80), (20 * i, 250 - 20 * i, 60)).save(src / f"s{i:02d}.png")
     dest = tmp_path_factory.mktemp("solid-shards")
-    shards.build(
+    builder.build(
         str(src),
         str(dest),
         split={"train": 1.0},
@@ -180,7 +180,7 @@ def test_patches_per_image_puts_each_photo_once_per_batch(solid_dataset):
 
 
 def test_gaussian_noise_is_standard_normal():
-    z = data.gaussian_noise(tf.constant([200, 101, 3]), tf.constant([1, 2], tf.int64), 2.0)
+    z = ops.gaussian_noise(tf.constant([200, 101, 3]), tf.constant([1, 2], tf.int64), 2.0)
     z = z.numpy()
     assert z.shape == (200, 101, 3)
     assert abs(z.mean()) < 0.02 and abs(z.std() - 2.0) < 0.02
@@ -190,8 +190,8 @@ def test_gaussian_noise_is_standard_normal():
 def test_degrade_batch_matches_degrade_without_noise():
     cfg = load_config(None, ["degradation.noise_sigma=0"])
     hr = tf.cast(tf.random.stateless_uniform([3, 64, 64, 3], [1, 2]) * 255, tf.uint8)
-    lr, hr_f = data.degrade_batch(hr, tf.constant([[1, 2]] * 3, tf.int64), cfg)
-    expect = degrade_ops.degrade(data.to_float(hr), cfg.degradation, tf.constant([0, 0]))
+    lr, hr_f = ops.degrade_batch(hr, tf.constant([[1, 2]] * 3, tf.int64), cfg)
+    expect = degrade_ops.degrade(ops.to_float(hr), cfg.degradation, tf.constant([0, 0]))
     np.testing.assert_allclose(lr.numpy(), expect.numpy(), atol=1e-6)
     assert hr_f.dtype == tf.float32 and lr.shape == (3, 32, 32, 3)
 
@@ -230,7 +230,7 @@ def test_pipelines_read_disjoint_equal_shares_and_say_so(dataset, caplog):
         seen = []
         with caplog.at_level(logging.INFO, logger="srtrain.data"):
             for i in range(count):
-                ids = data.records(cfg, "train", i, count).map(lambda r: r["id"])
+                ids = shards.records(cfg, "train", i, count).map(lambda r: r["id"])
                 seen.append([x.decode() for x in ids.as_numpy_iterator()])
         flat = [x for part in seen for x in part]
         assert sorted(flat) == sorted(set(flat)) and len(flat) == m["splits"]["train"]["images"]
@@ -249,7 +249,7 @@ def test_records_leave_out_images_below_min_size(dataset):
     ]
     expect = {i for i, _, h, w in rows if min(h, w) >= 300}
     assert 0 < len(expect) < len(rows)
-    got = data.records(cfg, "train", min_size=300).map(lambda r: r["id"]).as_numpy_iterator()
+    got = shards.records(cfg, "train", min_size=300).map(lambda r: r["id"]).as_numpy_iterator()
     assert {x.decode() for x in got} == expect
 
 
@@ -258,7 +258,7 @@ def test_unknown_split_is_a_config_error(dataset):
 
     dest, _ = dataset
     with pytest.raises(ConfigError, match="has splits train, val"):
-        data.records(cfg_for(dest), "test")
+        shards.records(cfg_for(dest), "test")
 
 
 def test_missing_shard_fails_fast(dataset, tmp_path):
@@ -298,9 +298,9 @@ def coded_dataset(tmp_path_factory):
         Image.fromarray(arr).save(src / f"c{i:02d}.png")
     dest = tmp_path_factory.mktemp("coded-shards")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(shards, "ROW_GROUP", 2)
+        mp.setattr(builder, "ROW_GROUP", 2)
         size = max(p.stat().st_size for p in src.iterdir())
-        m = shards.build(
+        m = builder.build(
             str(src),
             str(dest),
             split={"train": 1.0},
@@ -323,7 +323,7 @@ def test_three_shards_two_pipelines_read_equal_shares(coded_dataset):
     seen = [
         sorted(
             x.decode()
-            for x in data.records(cfg, "train", i, 2).map(lambda r: r["id"]).as_numpy_iterator()
+            for x in shards.records(cfg, "train", i, 2).map(lambda r: r["id"]).as_numpy_iterator()
         )
         for i in range(2)
     ]
@@ -332,24 +332,16 @@ def test_three_shards_two_pipelines_read_equal_shares(coded_dataset):
 
 def test_every_pass_reads_the_share_once_in_a_new_order(coded_dataset):
     cfg = coded_cfg(coded_dataset)
-    ids = [
-        x.decode()
-        for x in data.records(cfg, "train", seed=3)
-        .take(36)
-        .map(lambda r: r["id"])
-        .as_numpy_iterator()
-    ]
+
+    def read_ids() -> list[str]:
+        ds = shards.records(cfg, "train", seed=3).take(36).map(lambda r: r["id"])
+        return [x.decode() for x in ds.as_numpy_iterator()]
+
+    ids = read_ids()
     passes = [ids[0:12], ids[12:24], ids[24:36]]
     assert all(sorted(p) == sorted(passes[0]) and len(set(p)) == 12 for p in passes)
     assert len({tuple(p) for p in passes}) == 3  # shard and row-group order differ per pass
-    again = [
-        x.decode()
-        for x in data.records(cfg, "train", seed=3)
-        .take(36)
-        .map(lambda r: r["id"])
-        .as_numpy_iterator()
-    ]
-    assert again == ids  # from the seed
+    assert read_ids() == ids  # from the seed
 
 
 def test_resume_continues_the_stream_where_it_stopped(coded_dataset):
@@ -442,21 +434,22 @@ def test_decoded_cache_draws_patches_like_window_decoding(coded_dataset, monkeyp
         assert chi2_uniform(p) < bound and chi2_uniform(f) < bound, (p, f)
         assert chi2_same(p, f) < bound, (p, f)
     # The same check on a cache whose batches all come from one seed fails.
-    real = data.cache_batch
-    monkeypatch.setattr(data, "cache_batch", lambda c, s, b, seed, n: real(c, s, b, seed, 0))
+    real = decoded.cache_batch
+    monkeypatch.setattr(decoded, "cache_batch", lambda c, s, b, seed, n: real(c, s, b, seed, 0))
     stuck = histograms(
-        hr.numpy() for hr, _ in data.cached_batches(data.decoded_cache(cached), 64, 64, 1).take(n)
+        hr.numpy()
+        for hr, _ in decoded.cached_batches(decoded.decoded_cache(cached), 64, 64, 1).take(n)
     )
     assert all(chi2_uniform(h) > bound for h, bound in zip(stuck, BOUNDS, strict=True))
 
 
 def test_decoded_cache_is_reproducible_and_resumable(coded_dataset):
-    cache = data.decoded_cache(coded_cfg(coded_dataset, "data.decoded_cache=true"))
+    cache = decoded.decoded_cache(coded_cfg(coded_dataset, "data.decoded_cache=true"))
     assert len(cache.offsets) == 12 and cache.pixels.size == int(
         (cache.heights * cache.widths * 3).sum()
     )
-    whole = list(data.cached_batches(cache, 64, 8, 5).take(6).as_numpy_iterator())
-    rest = list(data.cached_batches(cache, 64, 8, 5, start_batch=4).take(2).as_numpy_iterator())
+    whole = list(decoded.cached_batches(cache, 64, 8, 5).take(6).as_numpy_iterator())
+    rest = list(decoded.cached_batches(cache, 64, 8, 5, start_batch=4).take(2).as_numpy_iterator())
     for (a, s), (b, t) in zip(whole[4:], rest, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(s, t)
@@ -477,7 +470,7 @@ def test_decoded_cache_is_reproducible_and_resumable(coded_dataset):
 def test_decoded_cache_memory_check(coded_dataset, monkeypatch, caplog):
     from srtrain.config import ConfigError
 
-    need, n = data.decoded_cache_bytes(coded_cfg(coded_dataset))
+    need, n = decoded.decoded_cache_bytes(coded_cfg(coded_dataset))
     sides = [(63 + 4 * (1 + i % 4), 63 + 4 * (1 + i // 4)) for i in range(12)]
     assert (need, n) == (sum(3 * h * w for h, w in sides), 12)
     with pytest.raises(ConfigError) as e:
@@ -486,7 +479,7 @@ def test_decoded_cache_memory_check(coded_dataset, monkeypatch, caplog):
         f"data.decoded_cache needs {need / 1e9:.3g} GB for 12 images, the cap is 1e-06 GB; "
         "set data.decoded_cache=false or use more workers"
     )
-    monkeypatch.setattr(data, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(decoded, "available_memory", lambda: 2**20)
     with pytest.raises(ConfigError, match="this worker has 0 GB available"):
         data.train_dataset(coded_cfg(coded_dataset, "data.decoded_cache=5"))
     with caplog.at_level(logging.WARNING, logger="srtrain.data"):
@@ -511,12 +504,12 @@ def test_cache_dihedral_matches_the_numpy_definition(monkeypatch):
     fast = []
     for code in range(8):
         dst = np.empty((16, 16, 3), np.uint8)
-        data._put_dihedral(src, code, dst)
+        decoded._put_dihedral(src, code, dst)
         fast.append(dst)
-    monkeypatch.setattr(data, "cv2", None)
+    monkeypatch.setattr(decoded, "cv2", None)
     for code in range(8):
         dst = np.empty((16, 16, 3), np.uint8)
-        data._put_dihedral(src, code, dst)
+        decoded._put_dihedral(src, code, dst)
         np.testing.assert_array_equal(dst, fast[code])
     assert len({f.tobytes() for f in fast}) == 8
     assert {f.tobytes() for f in fast} == {c.tobytes() for c in dihedral_images(src)}

@@ -18,10 +18,8 @@ from PIL import Image
 
 from srtrain import run
 from srtrain.data import __main__ as data_cli
-from srtrain.data import samples, shards
+from srtrain.data import builder, manifest, samples, shards
 from srtrain.storage import StorageError
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Planted bad files and the reason the manifest must give for each.
 PLANTED = {
@@ -30,6 +28,7 @@ PLANTED = {
     "bad/garbage.png": "not an image",
     "bad/tiny.png": "too small",
 }
+REPO = Path(__file__).resolve().parents[1]
 
 
 def photo(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -91,10 +90,8 @@ def source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def built(source, tmp_path_factory) -> tuple[Path, dict]:
     dest = tmp_path_factory.mktemp("shards")
-    manifest = shards.build(
-        str(source), str(dest), shard_size=256 * 1024, workers=2, progress=False
-    )
-    return dest, manifest
+    m = builder.build(str(source), str(dest), shard_size=256 * 1024, workers=2, progress=False)
+    return dest, m
 
 
 # --- split, ids, sizes --------------------------------------------------------------------------
@@ -102,34 +99,34 @@ def built(source, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_split_is_a_stable_function_of_the_id():
     ids = [f"{d:02d}/{d * 1000 + i}" for d in range(41) for i in range(250)]
-    first = {i: shards.split_of(i, shards.DEFAULT_SPLIT) for i in ids}
-    again = {i: shards.split_of(i, shards.DEFAULT_SPLIT) for i in reversed(ids)}
+    first = {i: builder.split_of(i, builder.DEFAULT_SPLIT) for i in ids}
+    again = {i: builder.split_of(i, builder.DEFAULT_SPLIT) for i in reversed(ids)}
     assert first == again
-    counts = {s: sum(v == s for v in first.values()) / len(ids) for s in shards.DEFAULT_SPLIT}
-    for name, frac in shards.DEFAULT_SPLIT.items():
+    counts = {s: sum(v == s for v in first.values()) / len(ids) for s in builder.DEFAULT_SPLIT}
+    for name, frac in builder.DEFAULT_SPLIT.items():
         assert abs(counts[name] - frac) < 0.015, counts
     # Adding images never moves the existing ones; another seed gives another split.
-    assert shards.split_of("new/1", shards.DEFAULT_SPLIT) in shards.DEFAULT_SPLIT
-    other = {i: shards.split_of(i, shards.DEFAULT_SPLIT, seed=1) for i in ids}
+    assert builder.split_of("new/1", builder.DEFAULT_SPLIT) in builder.DEFAULT_SPLIT
+    other = {i: builder.split_of(i, builder.DEFAULT_SPLIT, seed=1) for i in ids}
     assert other != first
 
 
 def test_parse_split_and_size():
-    assert shards.parse_split("train=2,val=1,test=1") == {"train": 0.5, "val": 0.25, "test": 0.25}
+    assert builder.parse_split("train=2,val=1,test=1") == {"train": 0.5, "val": 0.25, "test": 0.25}
     for bad in ("train", "train=x", "=0.5", "train=-1", "train=0"):
-        with pytest.raises(shards.BuildError, match="--split"):
-            shards.parse_split(bad)
-    assert shards.parse_size("128MB") == 128 * 2**20
-    assert shards.parse_size("64KiB") == 64 * 2**10
-    assert shards.parse_size("1000") == 1000
-    with pytest.raises(shards.BuildError, match="--shard-size"):
-        shards.parse_size("big")
+        with pytest.raises(builder.BuildError, match="--split"):
+            builder.parse_split(bad)
+    assert builder.parse_size("128MB") == 128 * 2**20
+    assert builder.parse_size("64KiB") == 64 * 2**10
+    assert builder.parse_size("1000") == 1000
+    with pytest.raises(builder.BuildError, match="--shard-size"):
+        builder.parse_size("big")
 
 
 def test_image_ids():
-    assert shards.image_id("iaprtc12/images/17/17975.jpg") == "17/17975"
-    assert shards.image_id("./images/00/25.jpg") == "00/25"
-    assert shards.image_id("bsd200/100075.png") == "bsd200/100075"
+    assert builder.image_id("iaprtc12/images/17/17975.jpg") == "17/17975"
+    assert builder.image_id("./images/00/25.jpg") == "00/25"
+    assert builder.image_id("bsd200/100075.png") == "bsd200/100075"
 
 
 # --- sources and the builder ------------------------------------------------------------------
@@ -148,9 +145,9 @@ def test_archive_is_read_without_extracting(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    read = dict(shards.iter_archive(str(arc)))
+    read = dict(builder.iter_archive(str(arc)))
     assert sorted(read) == sorted(n for n in members if n.endswith(".jpg"))
-    m = shards.build(str(arc), str(tmp_path / "out"), progress=False, workers=1)
+    m = builder.build(str(arc), str(tmp_path / "out"), progress=False, workers=1)
     assert m["images"] == 1
     assert {s["path"]: s["reason"].split(" (")[0] for s in m["skipped"]} == {
         "iaprtc12/images/17/17975.jpg": "corrupt or truncated",
@@ -200,19 +197,19 @@ def test_shards_keep_the_original_bytes(built, source):
 
 def test_rebuild_gives_identical_shards(built, source, tmp_path):
     dest, _ = built
-    shards.build(str(source), str(tmp_path), shard_size=256 * 1024, workers=1, progress=False)
+    builder.build(str(source), str(tmp_path), shard_size=256 * 1024, workers=1, progress=False)
     for p in dest.iterdir():
         assert (tmp_path / p.name).read_bytes() == p.read_bytes(), p.name
 
 
 def test_glob_source(source, tmp_path):
-    m = shards.build(str(source / "synth" / "*.jpg"), str(tmp_path), progress=False, workers=1)
+    m = builder.build(str(source / "synth" / "*.jpg"), str(tmp_path), progress=False, workers=1)
     assert m["images"] == 2 and not m["skipped"]
 
 
 def test_missing_source_is_one_line(tmp_path):
-    with pytest.raises(shards.BuildError, match="no such folder, archive or glob"):
-        shards.build(str(tmp_path / "nothing"), str(tmp_path / "out"), progress=False)
+    with pytest.raises(builder.BuildError, match="no such folder, archive or glob"):
+        builder.build(str(tmp_path / "nothing"), str(tmp_path / "out"), progress=False)
 
 
 # --- inspect / verify / manifest errors --------------------------------------------------------
@@ -252,7 +249,7 @@ def test_inspect_and_verify_cli(built, tmp_path, capsys):
 
 def test_missing_manifest_is_one_line(tmp_path, capsys):
     with pytest.raises(StorageError, match=r"manifest.json: not found: no shard dataset here"):
-        shards.load_manifest(str(tmp_path))
+        manifest.load_manifest(str(tmp_path))
     code, _, err = cli(capsys, "inspect", str(tmp_path))
     assert code == 1
     assert err.strip() == (
@@ -294,26 +291,27 @@ def test_build_inspect_verify_read_on_s3(s3, s3_env, source, monkeypatch, tmp_pa
         assert path in out
     code, out, err = cli(capsys, "verify", dest)
     assert code == 0 and "verify OK" in out
-    monkeypatch.setenv("SRTRAIN_CACHE_DIR", str(tmp_path / "cache"))
-    m = shards.load_manifest(dest)
+    monkeypatch.setenv("SRTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SRTRAIN_CACHE_DIR", raising=False)
+    m = manifest.load_manifest(dest)
     sh = m["splits"]["train"]["shards"][0]
     rows = list(shards.read_shard(f"{dest}/{sh['name']}", cache_key=sh["sha256"]))
     assert len(rows) == sh["images"]
-    cached = tmp_path / "cache" / f"{sh['sha256']}.parquet"
+    cached = tmp_path / "cache" / "shards" / f"{sh['sha256']}.parquet"
     assert cached.exists() and cached.stat().st_size == sh["bytes"]
     assert list(shards.read_shard(f"{dest}/{sh['name']}", cache_key=sh["sha256"])) == rows
     # Uncached: in memory when the manifest gives the size, else through a spool file that is
     # gone after the pass.
     assert list(shards.read_shard(f"{dest}/{sh['name']}", size=sh["bytes"])) == rows
-    assert not (tmp_path / "cache" / "spool").exists()
+    assert not (tmp_path / "cache" / "shards" / "spool").exists()
     assert list(shards.read_shard(f"{dest}/{sh['name']}")) == rows
-    assert not list((tmp_path / "cache" / "spool").iterdir())
+    assert not list((tmp_path / "cache" / "shards" / "spool").iterdir())
 
 
 @pytest.mark.s3
 def test_shares_sizes_and_decoded_cache_from_s3(s3, s3_env, monkeypatch, tmp_path):
-    from srtrain import data
     from srtrain.config import load_config
+    from srtrain.data import decoded
 
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
@@ -323,8 +321,8 @@ def test_shares_sizes_and_decoded_cache_from_s3(s3, s3_env, monkeypatch, tmp_pat
         photo(70 + 3 * i, 66 + i, seed=i).save(src / f"p{i}.png")
     dest = f"s3://{s3.bucket}/datasets/shares"
     with monkeypatch.context() as mp:
-        mp.setattr(shards, "ROW_GROUP", 2)
-        shards.build(
+        mp.setattr(builder, "ROW_GROUP", 2)
+        builder.build(
             str(src),
             dest,
             split={"train": 1.0},
@@ -341,11 +339,11 @@ def test_shares_sizes_and_decoded_cache_from_s3(s3, s3_env, monkeypatch, tmp_pat
         assert [len(h) for h, _ in parts] in ([4, 3, 3], [3, 3, 4], [3, 4, 3])
         sides = sorted((int(h), int(w)) for hs, ws in parts for h, w in zip(hs, ws, strict=True))
         assert sides == sorted((66 + i, 70 + 3 * i) for i in range(10))
-        ids = [r["id"] for r in data.records(cfg, "train", 1, 3).as_numpy_iterator()]
+        ids = [r["id"] for r in shards.records(cfg, "train", 1, 3).as_numpy_iterator()]
         assert len(ids) == len(parts[1][0])
     cfg = load_config(None, [f"data.source={dest}", "data.patch_size=64", "data.decoded_cache=1"])
-    cache = data.decoded_cache(cfg, 0, 2)
-    need, n = data.decoded_cache_bytes(cfg, 0, 2)
+    cache = decoded.decoded_cache(cfg, 0, 2)
+    need, n = decoded.decoded_cache_bytes(cfg, 0, 2)
     assert cache.pixels.size == need and len(cache.offsets) == n == 5
 
 
@@ -407,7 +405,7 @@ def test_two_ray_workers_train_from_s3_on_equal_shares(s3, s3_env, tmp_path, mon
     for k, v in s3_env.items():
         monkeypatch.setenv(k, v)
     dest = f"s3://{s3.bucket}/datasets/ray-e2e"
-    m = shards.build(
+    m = builder.build(
         str(src),
         dest,
         split={"train": 0.6, "val": 0.4},

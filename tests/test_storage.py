@@ -20,6 +20,18 @@ def test_local_write_is_atomic_and_readable(tmp_path):
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.bin"]  # no temp files left
 
 
+def test_one_cache_setting_with_the_old_shard_variable_still_honoured(monkeypatch, tmp_path):
+    monkeypatch.delenv("SRTRAIN_CACHE", raising=False)
+    monkeypatch.delenv("SRTRAIN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert storage.cache_dir("vgg19") == tmp_path / "home" / ".cache" / "srtrain" / "vgg19"
+    monkeypatch.setenv("SRTRAIN_CACHE", str(tmp_path / "c"))
+    assert storage.cache_dir("shards") == tmp_path / "c" / "shards"
+    monkeypatch.setenv("SRTRAIN_CACHE_DIR", str(tmp_path / "old"))
+    assert storage.cache_dir("shards") == tmp_path / "old"
+    assert storage.cache_dir("vgg19") == tmp_path / "c" / "vgg19"
+
+
 def test_local_missing_file_names_the_uri(tmp_path):
     uri = str(tmp_path / "nope.json")
     with pytest.raises(StorageError, match=r"nope\.json: not found$"):

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from srtrain.data import shards
+from srtrain.data import builder, manifest
 from srtrain.storage import StorageError
 
 
@@ -55,31 +55,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "build":
-            m = shards.build(
+            m = builder.build(
                 args.src,
                 args.dest,
-                split=shards.parse_split(args.split),
+                split=builder.parse_split(args.split),
                 seed=args.seed,
-                shard_size=shards.parse_size(args.shard_size),
+                shard_size=builder.parse_size(args.shard_size),
                 min_size=args.min_size,
                 workers=args.workers,
                 endpoint_url=args.endpoint_url,
                 region=args.region,
                 progress=not args.no_progress,
             )
-            print(shards.describe(m, args.dest))
+            print(manifest.describe(m, args.dest))
         elif args.command == "inspect":
-            m = shards.load_manifest(args.dest, args.endpoint_url, args.region)
-            print(shards.describe(m, args.dest))
+            m = manifest.load_manifest(args.dest, args.endpoint_url, args.region)
+            print(manifest.describe(m, args.dest))
         else:
-            problems = shards.verify(args.dest, args.endpoint_url, args.region)
+            problems = manifest.verify(args.dest, args.endpoint_url, args.region)
             for line in problems:
                 print(line, file=sys.stderr)
             if problems:
                 print(f"{args.dest}: verify FAILED ({len(problems)} problems)", file=sys.stderr)
                 return 1
             print(f"{args.dest}: verify OK (every shard matches its checksum)")
-    except shards.BuildError as e:
+    except builder.BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StorageError as e:
