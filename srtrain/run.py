@@ -23,97 +23,45 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter off the console
 
-from srtrain import storage
+from srtrain import cli, storage
 from srtrain.config import Config, ConfigError, load_config, to_dict, to_yaml
 
 PROG = "srtrain.run"
 
 
-class RunFailed(RuntimeError):
-    """Training ended without a result for a reason the user can act on (one line)."""
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="job YAML (default: the embedded samples job)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=1e-3 (repeatable)",
-    )
-    p.add_argument(
-        "--local",
-        action="store_true",
-        help="run in this process without Ray (one GPU, several GPUs or the CPU)",
-    )
-    p.add_argument(
-        "--output",
-        help="run storage: a local directory or s3://bucket/prefix "
+    flags = {
+        "--config": "job YAML (default: the embedded samples job)",
+        "--set": "override a config value, e.g. --set train.lr=1e-3 (repeatable)",
+        "--local": {
+            "action": "store_true",
+            "help": "run in this process without Ray (one GPU, several GPUs or the CPU)",
+        },
+        "--output": "run storage: a local directory or s3://bucket/prefix "
         "(sets run.storage; default ./runs)",
-    )
-    p.add_argument(
-        "--name",
-        help="run name (sets run.name; default <job>-<UTC time>); must be new unless --resume",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run of this name (default: the newest run of this job) "
+        "--name": "run name (sets run.name; default <job>-<UTC time>); must be new unless --resume",
+        "--resume": "continue the run of this name (default: the newest run of this job) "
         "from its latest checkpoint; starts it if it does not exist yet",
-    )
-    return p.parse_args(argv)
+    }
+    return cli.parser(PROG, __doc__, flags).parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
-    if args.output:
-        overrides.append(f"run.storage={args.output}")
-    if args.name:
-        overrides.append(f"run.name={args.name}")
+    overrides = cli.overrides(args) + ([f"run.name={args.name}"] if args.name else [])
     cfg = load_config(args.config, overrides)
-    if not storage.is_s3(cfg.run.storage):
-        # Ray workers run in their own working directory: a relative path must mean ours.
-        absolute = str(Path(cfg.run.storage).expanduser().resolve())
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, storage=absolute))
-    return cfg
-
-
-def job_name(args: argparse.Namespace) -> str:
-    return Path(args.config).stem if args.config else "samples-base"
-
-
-def existing_runs(cfg: Config, prefix: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    fs, root = storage.resolve(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError as e:
-        raise storage.StorageError(f"{cfg.run.storage}: cannot list runs ({e})") from None
-    return sorted(
-        i.base_name
-        for i in infos
-        if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix)
+    # Ray workers run in their own working directory: a relative path must mean ours.
+    return dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, storage=cli.absolute(cfg.run.storage))
     )
 
 
 def run_name(cfg: Config, args: argparse.Namespace) -> str:
-    if cfg.run.name:
-        return cfg.run.name
-    stem = job_name(args)
-    if args.resume:
-        runs = existing_runs(cfg, f"{stem}-")
-        if runs:
-            return runs[-1]
-    return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+    job = cli.job_name(args.config, "samples-base")
+    return cli.choose_name(cfg, cfg.run.name, job, args.resume) or cli.new_name(job)
 
 
 def write_run_files(cfg: Config, run_dir: str, argv: list[str], resuming: bool = False) -> None:
@@ -134,19 +82,11 @@ def write_run_files(cfg: Config, run_dir: str, argv: list[str], resuming: bool =
 
 
 def check_run_name(cfg: Config, name: str, run_dir: str, resume: bool, local: bool) -> bool:
-    """The one meaning of a run name: without --resume it must be new; with --resume the run
-    continues from its newest checkpoint, in the mode that wrote it, or starts if it does not
-    exist yet (a Kubernetes retry). Returns whether there is a run to continue."""
+    """The one meaning of a run name (cli.claim), and a run continues from its newest checkpoint
+    in the mode that wrote it. Returns whether there is a run to continue."""
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
-    if not storage.exists(run_dir, **kw):
-        if resume:
-            print(f"--resume: no run {name!r} under {cfg.run.storage} yet; starting it", flush=True)
+    if not cli.claim(cfg, "run", name, run_dir, resume):
         return False
-    if not resume:
-        raise ConfigError(
-            f"run {name!r} already exists in {cfg.run.storage}: --resume continues it, "
-            "or choose another --name"
-        )
     # --local keeps checkpoints/index.json, Ray its own checkpoint_manager_snapshot.json
     by_ray = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"), **kw)
     by_local = storage.exists(storage.join(run_dir, "checkpoints", "index.json"), **kw)
@@ -187,7 +127,7 @@ def run_local(cfg: Config, run_dir: str, resume: bool) -> dict:
     try:
         result = train.train_loop(cfg, ctx)
     except train.TrainingDiverged as e:
-        raise RunFailed(str(e)) from None
+        raise cli.Failed(str(e)) from None
     result["checkpoint"] = ckpts.best() or ckpts.latest()
     result["latest_checkpoint"] = ckpts.latest()
     return result
@@ -246,14 +186,6 @@ def _ray_worker(config: dict) -> None:
         write_result(cfg, config["run_dir"], result)  # the driver adds the checkpoint path
 
 
-def ensure_ray() -> None:
-    """Joins the cluster in RAY_ADDRESS (ray job submit sets it) or starts a local runtime."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
-
-
 def build_trainer(cfg: Config, run_dir: str, name: str, **run_config_kw):
     """The TensorflowTrainer for a job: scaling, storage (local or S3), failures, checkpoints.
 
@@ -293,7 +225,7 @@ def build_trainer(cfg: Config, run_dir: str, name: str, **run_config_kw):
 
 
 def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
-    ensure_ray()
+    cli.start_ray()
     signal.signal(signal.SIGTERM, _interrupt)  # ray.init installed its own (a bare sys.exit)
     result = build_trainer(cfg, run_dir, name).fit()
     if result.error:
@@ -301,7 +233,7 @@ def run_ray(cfg: Config, run_dir: str, name: str) -> dict:
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
     out = json.loads(storage.read_bytes(storage.join(run_dir, "result.json"), **kw))
     if out.get("error"):
-        raise RunFailed(out["error"])
+        raise cli.Failed(out["error"])
     best = result.best_checkpoints or []
     scored = [(m.get("val_psnr"), c) for c, m in best if m.get("val_psnr") is not None]
     if scored:
@@ -346,23 +278,24 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     setup_logging()
     args = parse_args(argv)
-    try:
-        cfg = resolve_config(args)
-        storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
-        name = run_name(cfg, args)
-        run_dir = storage.join(cfg.run.storage, name)
-        resuming = check_run_name(cfg, name, run_dir, args.resume, args.local)
-        if cfg.loss.kind == "composite":  # fail before any work when VGG weights are missing
-            from srtrain import losses
+    return cli.exit_code(PROG, lambda: run_job(args, argv))
 
+
+def run_job(args: argparse.Namespace, argv: list[str]) -> int:
+    """Resolves, checks and trains one run; errors a user can act on go up to cli.exit_code."""
+    cfg = resolve_config(args)
+    storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
+    name = run_name(cfg, args)
+    run_dir = storage.join(cfg.run.storage, name)
+    resuming = check_run_name(cfg, name, run_dir, args.resume, args.local)
+    if cfg.loss.kind == "composite":  # fail before any work when VGG weights are missing
+        from srtrain import losses
+
+        try:
             losses.fetch_weights(cfg.loss.vgg_weights, cfg.data.endpoint_url, cfg.data.region)
-        write_run_files(cfg, run_dir, argv, resuming)
-    except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except (storage.StorageError, _vgg_error()) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        except losses.VGGWeightsError as e:
+            raise cli.Failed(str(e)) from None
+    write_run_files(cfg, run_dir, argv, resuming)
     mode = "local (no Ray)" if args.local else f"Ray, {cfg.scaling.num_workers} worker(s)"
     print(f"run {name}: {mode}; outputs in {run_dir}", flush=True)
     t0 = time.time()
@@ -372,23 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_ray(cfg, run_dir, name)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue with --resume --name {name}", file=sys.stderr)
-        return 130
-    except RunFailed as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except (storage.StorageError, ConfigError, _vgg_error()) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        raise cli.Interrupted(f"continue with --resume --name {name}") from None
+    except (cli.Failed, storage.StorageError, ConfigError, _vgg_error()) as e:
+        raise cli.Failed(str(e)) from None  # exit 1, not 2: the job was valid, its run failed
     except Exception as e:  # a worker's error reaches us wrapped; show its last line
         msg = str(e).strip().splitlines()
-        print(
-            f"{PROG}: error: training failed: {msg[-1] if msg else type(e).__name__}",
-            file=sys.stderr,
-        )
+        failed = cli.Failed(f"training failed: {msg[-1] if msg else type(e).__name__}")
         if os.environ.get("SRTRAIN_DEBUG"):
+            print(f"{PROG}: error: {failed}", file=sys.stderr)
             raise
-        return 1
+        raise failed from None
     result["wall_seconds"] = round(time.time() - t0, 1)
     write_result(cfg, run_dir, result)
     print(summary_line(result), flush=True)

@@ -11,6 +11,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def set_args(*overrides: str) -> list[str]:
+    """`--set KEY=VALUE` for each override, as srtrain.run and tune.search take them."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
 def run_srtrain(
     *args: str, env: dict | None = None, cwd: Path = REPO, timeout: float = 600
 ) -> subprocess.CompletedProcess:

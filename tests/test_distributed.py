@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli import run_mode
+from cli import run_mode, set_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -258,24 +258,17 @@ def test_local_mode_trains_with_mirrored_strategy(tmp_path):
             "-m",
             "srtrain.run",
             "--local",
-            "--set",
-            "debug.cpu_replicas=2",
-            "--set",
-            "data.patch_size=32",
-            "--set",
-            "data.val_patch_size=64",
-            "--set",
-            "data.batch_size=4",
-            "--set",
-            "model.filters=8",
-            "--set",
-            "model.arch=advanced",
-            "--set",
-            "train.epochs=1",
-            "--set",
-            "train.steps_per_epoch=5",
-            "--set",
-            "train.lr_scaling=linear",
+            *set_args(
+                "debug.cpu_replicas=2",
+                "data.patch_size=32",
+                "data.val_patch_size=64",
+                "data.batch_size=4",
+                "model.filters=8",
+                "model.arch=advanced",
+                "train.epochs=1",
+                "train.steps_per_epoch=5",
+                "train.lr_scaling=linear",
+            ),
             "--output",
             str(tmp_path),
             "--name",

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from cli import run_srtrain
+from cli import run_srtrain, set_args
 from k8s_checks import (
     DOCS,
     GPU,
@@ -726,26 +726,17 @@ def test_the_train_entrypoint_run_twice_starts_then_continues(tmp_path):
     assert module == "srtrain.run"
     i = args.index("--config")
     args = args[:i] + args[i + 2 :]  # the samples job instead of the one on S3
-    tiny = [
-        "--set",
+    tiny = set_args(
         "data.patch_size=32",
-        "--set",
         "data.val_patch_size=64",
-        "--set",
         "data.batch_size=4",
-        "--set",
         "model.filters=16",
-        "--set",
         "train.epochs=1",
-        "--set",
         "train.steps_per_epoch=4",
-        "--set",
         "train.val_steps=1",
-        "--set",
         "train.precision=fp32",
-        "--set",
         "train.sample_images=1",
-    ]
+    )
     command = ["--local", *args, *tiny, "--output", str(tmp_path)]
     (name,) = [args[j + 1] for j, a in enumerate(args) if a == "--name"]
     first = run_srtrain(*command)

@@ -6,28 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli import run_srtrain
+from cli import run_srtrain, set_args
 
-TINY = [
-    "--set",
+TINY = set_args(
     "data.patch_size=32",
-    "--set",
     "data.val_patch_size=64",
-    "--set",
     "data.batch_size=4",
-    "--set",
     "model.filters=16",
-    "--set",
     "train.epochs=3",
-    "--set",
     "train.steps_per_epoch=20",
-    "--set",
     "train.lr=3e-3",
-    "--set",
     "train.precision=fp32",
-    "--set",
     "train.sample_images=2",
-]
+)
 
 
 run_cli = run_srtrain

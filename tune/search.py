@@ -18,17 +18,15 @@ import argparse
 import dataclasses
 import os
 import shlex
-import socket
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One line per trial event instead of Tune's periodic status tables.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 
-from srtrain import storage
+from srtrain import cli, storage
 from srtrain.config import Config, ConfigError, from_dict, to_dict
 from tune import report, space
 from tune.space import SearchSettings, load_search_job
@@ -39,95 +37,39 @@ __all__ = ["SearchSettings", "load_search_job", "main"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--config",
-        help="search job YAML (default: the embedded samples search, jobs/tune-samples.yaml)",
-    )
-    p.add_argument(
-        "--num-samples", type=int, metavar="N", help="number of trials (sets search.num_samples)"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=4 or "
+    flags = {
+        "--config": "search job YAML (default: the embedded samples search, "
+        "jobs/tune-samples.yaml)",
+        "--num-samples": {
+            "type": int,
+            "metavar": "N",
+            "help": "number of trials (sets search.num_samples)",
+        },
+        "--set": "override a config value, e.g. --set train.epochs=4 or "
         "--set search.space.train.lr='{loguniform: [1e-4, 1e-2]}' (repeatable)",
-    )
-    p.add_argument(
-        "--output",
-        help="where search directories go: a local directory or "
+        "--output": "where search directories go: a local directory or "
         "s3://bucket/prefix (sets run.storage; default ./runs)",
-    )
-    p.add_argument("--name", help="search directory name (default <job>-<UTC time>)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the search of this name "
+        "--name": "search directory name (default <job>-<UTC time>)",
+        "--resume": "continue the search of this name "
         "(default: the newest search of this job under the output)",
-    )
-    return p.parse_args(argv)
+    }
+    return cli.parser(PROG, __doc__, flags).parse_args(argv)
 
 
 def resolve_job(args: argparse.Namespace) -> tuple[Config, SearchSettings]:
-    overrides = list(args.overrides)
-    if args.num_samples is not None:
-        overrides.append(f"search.num_samples={args.num_samples}")
-    if args.output:
-        overrides.append(f"run.storage={args.output}")
-    return load_search_job(args.config, overrides)
-
-
-def job_name(args: argparse.Namespace) -> str:
-    return Path(args.config).stem if args.config else "tune-samples"
+    samples = [f"search.num_samples={args.num_samples}"] if args.num_samples is not None else []
+    return load_search_job(args.config, [*cli.overrides(args), *samples])
 
 
 def search_name(cfg: Config, args: argparse.Namespace) -> str:
-    if args.name:
-        return args.name
-    stem = job_name(args)
-    if args.resume:
-        from srtrain.run import existing_runs
-
-        found = existing_runs(cfg, f"{stem}-")
-        if not found:
-            raise ConfigError(
-                f"--resume: no search of job {stem!r} under {cfg.run.storage} "
-                "(pass --name NAME of the search to continue)"
-            )
-        return found[-1]
-    return f"{stem}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-
-
-def start_ray() -> None:
-    """Joins the cluster in RAY_ADDRESS (ray job submit sets it) or starts a local runtime.
-
-    A trial ASHA stops dies without shutting its Train run down; Ray Train's placement group
-    cleaner then frees the workers' resources, looking the cluster up through the dashboard's
-    state API. Auto-detection fails when a machine runs several local Ray runtimes (parallel test
-    sessions), leaking the CPUs of every stopped trial, so a local runtime gets a dashboard on a
-    port of our choosing and its processes inherit RAY_API_SERVER_ADDRESS naming it.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, configure_logging=False)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        configure_logging=False,
-    )
+    job = cli.job_name(args.config, "tune-samples")
+    name = cli.choose_name(cfg, args.name, job, args.resume)
+    if name is None:
+        raise ConfigError(
+            f"--resume: no search of job {job!r} under {cfg.run.storage} "
+            "(pass --name NAME of the search to continue)"
+        )
+    return name
 
 
 # --- resources ----------------------------------------------------------------------------------
@@ -290,55 +232,38 @@ def build_tuner(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    try:
-        cfg, settings = resolve_job(args)
-        if settings.algorithm == "hyperopt":
-            make_searcher(settings)  # fail before Ray starts when hyperopt is missing
-        storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
-        name = search_name(cfg, args)
-        search_dir = storage.join(cfg.run.storage, name)
-        if not storage.is_s3(search_dir):
-            search_dir = str(Path(search_dir).resolve())
-        # A name means one search, as for srtrain.run: new unless --resume, which starts it
-        # when it does not exist yet (a Kubernetes retry).
-        exists = storage.exists(search_dir, cfg.data.endpoint_url, cfg.data.region)
-        if exists and not args.resume:
-            raise ConfigError(
-                f"search {name!r} already exists in {cfg.run.storage}: --resume continues it, "
-                "or choose another --name"
-            )
-        if args.resume and not exists:
-            print(f"--resume: no search {name!r} under {cfg.run.storage} yet; starting it")
-    except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except storage.StorageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    return cli.exit_code(PROG, lambda: search(args, argv))
 
+
+def search(args: argparse.Namespace, argv: list[str]) -> int:
+    """Resolves, checks and runs one search, then writes its report; errors a user can act on
+    go up to cli.exit_code."""
+    cfg, settings = resolve_job(args)
+    if settings.algorithm == "hyperopt":
+        make_searcher(settings)  # fail before Ray starts when hyperopt is missing
+    storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
+    name = search_name(cfg, args)
+    search_dir = cli.absolute(storage.join(cfg.run.storage, name))
+    exists = cli.claim(cfg, "search", name, search_dir, args.resume)
     resuming = args.resume and storage.exists(
         storage.join(search_dir, "tuner.pkl"), cfg.data.endpoint_url, cfg.data.region
     )
-    if exists and args.resume and not resuming:
+    if exists and not resuming:
         # Stopped before Tune saved its state (a Kubernetes retry of an early failure).
         print(f"--resume: search {name!r} holds no Tune state yet; starting it", flush=True)
 
-    start_ray()
+    cli.start_ray(own_dashboard=True)
     need = trial_resources(cfg)
     capacity = cluster_capacity()
-    try:
-        concurrent = concurrent_trials(need, capacity, settings.max_concurrent_trials)
-        tuner = build_tuner(
-            cfg,
-            settings,
-            search_dir,
-            name=name,
-            concurrent=concurrent,
-            resume=resuming,
-        )
-    except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    concurrent = concurrent_trials(need, capacity, settings.max_concurrent_trials)
+    tuner = build_tuner(
+        cfg,
+        settings,
+        search_dir,
+        name=name,
+        concurrent=concurrent,
+        resume=resuming,
+    )
     each = ", ".join(f"{v:g} {k}" for k, v in need.items())
     print(
         f"search {name}: {settings.num_samples} trials of up to {settings.max_epochs} epochs, "
@@ -360,16 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg, settings, search_dir, name=name, command=command, wall_seconds=wall
         )
     except (storage.StorageError, ValueError) as e:
-        print(f"{PROG}: error: cannot write the search report: {e}", file=sys.stderr)
-        return 1
-    interrupted = interrupted or unfinished
+        raise cli.Failed(f"cannot write the search report: {e}") from None
     print(summary, flush=True)
-    if interrupted:
-        print(
-            f"{PROG}: interrupted; continue with: python -m {PROG} {_resume_args(args, name)}",
-            file=sys.stderr,
-        )
-        return 130
+    if interrupted or unfinished:
+        raise cli.Interrupted(f"continue with: python -m {PROG} {_resume_args(args, name)}")
     return 0
 
 
