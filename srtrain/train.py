@@ -47,9 +47,9 @@ from srtrain.steps import (
     prepare_batch,
 )
 
-# The names other modules, tests and bench/ import from here; they live in the modules above.
+# What srtrain.run, the tests and bench/ import from here: the loop and its Context, and names
+# that moved to the modules above (devices, steps, progress, scoring) and stay importable here.
 __all__ = [
-    "CHECK_LOSS_EVERY",
     "Context",
     "LossMeter",
     "TrainingDiverged",
@@ -64,7 +64,6 @@ __all__ = [
     "prepare_batch",
     "split_cpu",
     "train_loop",
-    "validate",
 ]
 
 # report(metrics, local checkpoint directory or None); every worker calls it at the same points.
