@@ -7,8 +7,10 @@ checkpoint). Every run's best model is evaluated on the same test patches: the f
 source and its test split (`data.test_split`, default `test`: the bundled samples and shard
 datasets built with the default split have one; else its validation split), HR center crops of
 `data.val_patch_size`, LR by the run's degradation with a fixed seed per image (protocol `seed`).
-Writes DIR/compare.md and DIR/compare.csv (test MAE, PSNR, SSIM per run, and a bicubic row) and
-DIR/compare.png: one test patch as LR, bicubic, every model and HR side by side.
+The scores come from srtrain.scoring, as training's validation and test split compute them (the
+loss there is MAE); this module lays them out. Writes DIR/compare.md and DIR/compare.csv (test
+MAE, PSNR, SSIM per run, and a bicubic row) and DIR/compare.png (srtrain.figures): one test patch
+as LR, bicubic, every model and HR side by side.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import io
 import json
 import sys
 from pathlib import Path
-
-import numpy as np
 
 PROG = "python -m srtrain.compare"
 
@@ -79,38 +79,31 @@ def test_split(cfg, split: str = "") -> str:
 def evaluate(
     runs: list[Run], split: str, images: int = 0, batch_size: int = 8, progress: bool = True
 ) -> tuple[dict[str, dict], dict]:
-    """Mean test MAE/PSNR/SSIM per run name and for "bicubic", and the first patch's images."""
-    import tensorflow as tf
+    """Mean test MAE/PSNR/SSIM per run name and for "bicubic", and the first patch's images
+    (srtrain.scoring, as training's validation: the runs' loss there is MAE)."""
     from tqdm import tqdm
 
-    from srtrain import data, losses, metrics
+    from srtrain import data, losses, scoring
 
     cfg = runs[0].config
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_images=images))
     ds = data.eval_dataset(cfg, split=split, batch_size=batch_size)
-    names = [r.name for r in runs] + ["bicubic"]
-    sums = {n: np.zeros(3) for n in names}
-    count, first = 0, {}
+    models = {r.name: lambda x, m=r.model: m(x, training=False) for r in runs}
+    totals, first = scoring.Totals(), {}
     for _, lr, hr in tqdm(ds, desc=f"comparing on {split}", unit="batch", disable=not progress):
-        outs = {r.name: tf.cast(r.model(lr, training=False), tf.float32) for r in runs}
-        outs["bicubic"] = metrics.bicubic_upscale(lr, cfg.degradation.scale)
-        for n, sr in outs.items():
-            sums[n] += [
-                float(tf.reduce_sum(f(hr, sr) if f is losses.mae else f(sr, hr)))
-                for f in (losses.mae, metrics.psnr, metrics.ssim)
-            ]
+        outs = scoring.upscale(models, lr, cfg.degradation.scale)
+        totals.add(scoring.score(outs, hr, loss_fn=losses.mae), int(lr.shape[0]))
         if not first:
             first = {"LR": lr[0].numpy(), "HR": hr[0].numpy()}
             first.update({n: outs[n][0].numpy() for n in outs})
-        count += int(lr.shape[0])
-    if not count:
+    if not totals.images:
         raise CompareError(
             f"{cfg.data.source}:{split}: no test images big enough for the "
             f"{cfg.data.val_patch_size or cfg.data.patch_size}-pixel crops"
         )
     table = {
-        n: {"mae": s[0] / count, "psnr": s[1] / count, "ssim": s[2] / count, "images": count}
-        for n, s in sums.items()
+        n: {"mae": m["loss"], "psnr": m["psnr"], "ssim": m["ssim"], "images": totals.images}
+        for n, m in totals.means().items()
     }
     return table, first
 
@@ -193,30 +186,13 @@ def write_table(runs: list[Run], table: dict, out: Path, source: str, split: str
 
 def write_figure(runs: list[Run], first: dict, out: Path) -> Path:
     """LR | bicubic | each model | HR for one test patch, PSNR in the titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from srtrain import metrics
+    from srtrain import figures
 
     hr = first["HR"]
     panels = [("LR input", first["LR"], None), ("bicubic", first["bicubic"], hr)]
     panels += [(f"{r.name}\n{describe(r)}", first[r.name], hr) for r in runs]
     panels.append(("HR", hr, None))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8))
-    for ax, (title, img, ref) in zip(np.atleast_1d(axes), panels, strict=True):
-        ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
-        if ref is not None:
-            p, _ = metrics.seed_metrics(img, ref)
-            title = f"{title}\n{p:.2f} dB"  # noqa: PLW2901
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    path = out / "compare.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return figures.side_by_side(panels, out / "compare.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
+from srtrain.scoring import BICUBIC, INPUT
 from srtrain.upscale import IMAGE_EXTS, ImageError, predict, read_image
 
 PROG = "python -m srtrain.evaluate"
-BICUBIC, INPUT = "bicubic", "input (nearest)"
 
 
 class EvalError(ValueError):
@@ -211,17 +211,16 @@ def evaluate_image(
     degradation,
     tile: int = 0,
 ) -> dict[str, tuple[float, float]]:
-    """{method: (psnr, ssim)} for one HR image: every model, bicubic and the nearest input."""
-    import tensorflow as tf
-
-    from srtrain import metrics
+    """{method: (psnr, ssim)} for one HR image: every model, bicubic and the nearest input
+    (srtrain.scoring on a batch of one)."""
+    from srtrain import scoring
 
     scale = degradation.scale
     lr = make_lr(hr, image_id, protocol, degradation)
-    outputs = {e.name: predict(e.model, lr, scale, tile) for e in entries}
-    outputs[BICUBIC] = metrics.bicubic_upscale(lr[None], scale)[0].numpy()
-    outputs[INPUT] = tf.image.resize(lr[None], hr.shape[:2], method="nearest")[0].numpy()
-    return {k: metrics.image_metrics(v, hr, protocol, scale) for k, v in outputs.items()}
+    models = {e.name: lambda x, m=e.model: predict(m, x[0], scale, tile)[None] for e in entries}
+    outputs = scoring.upscale(models, lr[None], scale, nearest=True)
+    scores = scoring.score(outputs, hr[None], protocol=protocol, scale=scale)
+    return {k: (float(v["psnr"][0]), float(v["ssim"][0])) for k, v in scores.items()}
 
 
 def run(

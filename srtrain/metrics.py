@@ -4,7 +4,8 @@ Protocol `seed` (the original project's): PSNR and SSIM on RGB in [0, 1], whole 
 SSIM is the Wang et al. Gaussian-window SSIM (11x11, sigma 1.5), as tf.image.ssim computes it.
 
 Protocol `standard` (the SR literature's): see `standard_metrics` below. The tf functions take
-batches and serve the train loop; the numpy ones take single images and serve srtrain.evaluate.
+batches, the numpy ones single images; srtrain.scoring applies them (to every model, bicubic
+and the input) for the train loop, srtrain.compare and srtrain.evaluate alike.
 """
 
 from __future__ import annotations
@@ -110,14 +111,6 @@ def seed_metrics(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
     a = tf.constant(np.asarray(sr, np.float32)[None])
     b = tf.constant(np.asarray(hr, np.float32)[None])
     return float(psnr(a, b)[0]), float(ssim(a, b)[0])
-
-
-def image_metrics(sr: np.ndarray, hr: np.ndarray, protocol: str, scale: int) -> tuple[float, float]:
-    if protocol == "standard":
-        return standard_metrics(sr, hr, scale)
-    if protocol == "seed":
-        return seed_metrics(sr, hr)
-    raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
 
 
 def bicubic_downscale(hr: np.ndarray, scale: int) -> np.ndarray:

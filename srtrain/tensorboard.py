@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from srtrain import metrics, storage
+from srtrain import scoring, storage
 
 
 def _metadata(plugin: str) -> bytes:
@@ -101,11 +101,7 @@ class TensorBoardWriter:
     def sample_grid(self, model) -> tf.Tensor:
         """(N, H, 4W, 3): LR nearest-upscaled | bicubic | model | HR per validation image."""
         lr, hr = self.samples
-        size = tf.shape(hr)[1:3]
-        lr_up = tf.image.resize(lr, size, method="nearest")
-        bic = metrics.bicubic_upscale(lr, self.scale)
-        sr = tf.cast(model(lr, training=False), tf.float32)
-        return tf.clip_by_value(tf.concat([lr_up, bic, sr, hr], axis=2), 0.0, 1.0)
+        return scoring.side_by_side(model, lr, hr, self.scale)
 
     def flush(self) -> None:
         for w in self.writers.values():

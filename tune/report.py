@@ -1,7 +1,8 @@
 """What a search leaves for people: results.csv, summary.md, best.yaml and search.png.
 
-Everything is read back from Tune's saved experiment state (`ExperimentAnalysis`), so the same
-report comes out after a complete search, an interrupted one and a resumed one.
+Everything is read back from Tune's saved experiment state (`ExperimentAnalysis`, through
+tune.trials), so the same report comes out after a complete search, an interrupted one and a
+resumed one. search.png is drawn by srtrain.figures, beside the comparison figure.
 
 Ranking rule (declared, as Tune's metric scope "last"): a trial scores its LAST epoch's
 validation metric (with `train.ema_decay`, the averaged weights' score), not its best epoch's:
@@ -16,139 +17,25 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
-import math
-import numbers
-from dataclasses import dataclass, field
 from typing import Any
 
 from srtrain import storage
 from srtrain.config import Config, to_yaml
 from tune import space
 from tune.space import SearchSettings
+from tune.trials import (
+    RANK_SCOPE,
+    STOPPED_ASHA,
+    STOPPED_PATIENCE,
+    TrialRow,
+    _fill_checkpoints,
+    _finite,
+    collect,
+    ranked,
+)
 
-RANK_SCOPE = "last"  # Tune's metric scope: the last reported epoch, not "all" (the max)
-STOPPED_ASHA = "ASHA"
-STOPPED_PATIENCE = "early stopping"
-
-
-@dataclass
-class TrialRow:
-    trial_id: str
-    status: str  # Tune's: TERMINATED, ERROR, RUNNING, PENDING, PAUSED
-    params: dict[str, Any]  # dotted key -> sampled value
-    history: list[dict] = field(default_factory=list)  # one row per epoch, in order
-    error: str = ""
-
-    @property
-    def epochs(self) -> int:
-        return int(self.history[-1]["epoch"]) if self.history else 0
-
-    def best(self, metric: str, mode: str) -> dict | None:
-        """The epoch row that scores this trial under RANK_SCOPE: its last reported epoch.
-
-        (`mode` is Tune's; with scope "last" it does not choose among epochs.) Epochs a stopped
-        trial trained after Tune stopped listening have no checkpoint in Tune's records (and ASHA
-        never ranked them): the row is chosen among the epochs Tune saw."""
-        rows = [r for r in self.history if _finite(r.get(metric))]
-        rows = [r for r in rows if isinstance(r.get("checkpoint_path"), str)] or rows
-        return rows[-1] if rows else None
-
-    def stopped_by(self, max_epochs: int) -> str:
-        """Why the trial ended before max_epochs: ASHA, its own early stopping, "" (it ran all
-        its epochs), "error" or "unfinished" (the search was interrupted)."""
-        if self.status == "ERROR":
-            return "error"
-        if self.status != "TERMINATED":
-            return "unfinished"
-        if self.epochs >= max_epochs:
-            return ""
-        if self.history and _true(self.history[-1].get("stopped_early")):
-            return STOPPED_PATIENCE
-        return STOPPED_ASHA
-
-
-def collect(search_dir: str, settings: SearchSettings, cfg: Config) -> list[TrialRow]:
-    """One TrialRow per trial Tune knows, read from the search directory.
-
-    A trial's history is its run's metrics.jsonl (every epoch it trained: a trial ASHA stops may
-    finish one more epoch before Tune's stop reaches it) joined with what Tune received (which adds
-    each epoch's checkpoint path).
-    """
-    from ray.tune import ExperimentAnalysis
-
-    fs, path = storage.resolve(search_dir, cfg.data.endpoint_url, cfg.data.region)
-    analysis = ExperimentAnalysis(path, storage_filesystem=fs)
-    frames = analysis.trial_dataframes
-    rows = []
-    for trial in analysis.trials:
-        params = space.flat_params(trial.config or {})
-        history = _run_metrics(storage.join(search_dir, "runs", trial.trial_id), cfg)
-        frame = frames.get(trial.trial_id)
-        if frame is not None and "epoch" in getattr(frame, "columns", ()):
-            for rec in frame.to_dict("records"):
-                if _finite(rec.get("epoch")):  # a resumed trial repeats epochs: keep the last
-                    history[int(rec["epoch"])] = {**history.get(int(rec["epoch"]), {}), **rec}
-        _fill_checkpoints(history, storage.join(search_dir, "runs", trial.trial_id), cfg)
-        error = ""
-        if trial.status == "ERROR":
-            try:
-                err = trial.get_error()
-                error = str(err).strip().splitlines()[-1] if err else "failed"
-            except Exception:
-                error = "failed"
-        rows.append(
-            TrialRow(
-                trial.trial_id, trial.status, params, [history[e] for e in sorted(history)], error
-            )
-        )
-    return rows
-
-
-def _fill_checkpoints(history: dict[int, dict], run_dir: str, cfg: Config) -> None:
-    """Epochs without a checkpoint path in Tune's records (a trial whose Tune results were lost
-    to an interrupt) get the path from the Train run's own checkpoint list, where it still is."""
-    if all(isinstance(r.get("checkpoint_path"), str) for r in history.values()):
-        return
-    uri = storage.join(run_dir, "checkpoint_manager_snapshot.json")
-    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
-    if not storage.exists(uri, **kw):
-        return
-    try:
-        snapshot = json.loads(storage.read_bytes(uri, **kw))
-    except ValueError:
-        return
-    for item in snapshot.get("checkpoint_results", []):
-        epoch, name = (item.get("metrics") or {}).get("epoch"), item.get("checkpoint_dir_name")
-        if not (_finite(epoch) and name and int(epoch) in history):
-            continue
-        row = history[int(epoch)]
-        if not isinstance(row.get("checkpoint_path"), str):
-            path = storage.join(run_dir, name)
-            if storage.exists(storage.join(path, "model.keras"), **kw):
-                row["checkpoint_path"] = path.removeprefix("s3://")
-
-
-def _run_metrics(run_dir: str, cfg: Config) -> dict[int, dict]:
-    uri = storage.join(run_dir, "metrics.jsonl")
-    kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
-    if not storage.exists(uri, **kw):
-        return {}
-    rows = [
-        json.loads(line)
-        for line in storage.read_bytes(uri, **kw).decode().splitlines()
-        if line.strip()
-    ]
-    return {int(r["epoch"]): r for r in rows if _finite(r.get("epoch"))}
-
-
-def ranked(rows: list[TrialRow], settings: SearchSettings) -> list[TrialRow]:
-    """Trials with a result, best first."""
-    scored = [r for r in rows if r.best(settings.metric, settings.mode)]
-    sign = -1 if settings.mode == "max" else 1
-    return sorted(
-        scored, key=lambda r: sign * r.best(settings.metric, settings.mode)[settings.metric]
-    )
+# The trials' reading and ranking live in tune.trials; these names stay importable from here.
+__all__ = ["RANK_SCOPE", "TrialRow", "_fill_checkpoints", "collect", "ranked", "write_outputs"]
 
 
 def checkpoint_uri(row: dict, search_dir: str) -> str:
@@ -194,17 +81,9 @@ def write_outputs(
         )
         storage.write_bytes(best_yaml, text.encode(), **kw)
     storage.write_bytes(storage.join(search_dir, "search.png"), figure(rows, settings), **kw)
-    text = summary_md(
-        rows,
-        settings,
-        name=name,
-        command=command,
-        wall_seconds=wall_seconds,
-        interrupted=interrupted,
-        search_dir=search_dir,
-        best_yaml=best_yaml,
-        test=test,
-    )
+    text = summary_md(rows, settings, name=name, command=command, wall_seconds=wall_seconds,
+                      interrupted=interrupted, search_dir=search_dir, best_yaml=best_yaml,
+                      test=test)  # fmt: skip
     storage.write_bytes(storage.join(search_dir, "summary.md"), text.encode(), **kw)
     return console_lines(rows, settings, wall_seconds, search_dir, test), interrupted
 
@@ -420,46 +299,27 @@ def best_config_yaml(
 
 def figure(rows: list[TrialRow], settings: SearchSettings) -> bytes:
     """search.png: val PSNR over epochs per trial; the ranked (last-epoch) score against lr and
-    against alpha."""
-    import matplotlib
+    against alpha (drawn by srtrain.figures)."""
+    from srtrain import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     top = ranked(rows, settings)
     winner = top[0].trial_id if top else None
-    ax = axes[0]
-    bicubic = []
+    curves, bicubic = [], []
     for r in rows:
-        xs = [h["epoch"] for h in r.history if _finite(h.get("val_psnr"))]
-        ys = [h["val_psnr"] for h in r.history if _finite(h.get("val_psnr"))]
+        hist = [h for h in r.history if _finite(h.get("val_psnr"))]
         bicubic += [h["bicubic_psnr"] for h in r.history if _finite(h.get("bicubic_psnr"))]
-        if not xs:
-            continue
-        stopped = r.stopped_by(settings.max_epochs) == STOPPED_ASHA
-        ax.plot(
-            xs,
-            ys,
-            marker="o",
-            ms=3,
-            lw=2.5 if r.trial_id == winner else 1,
-            ls="--" if stopped else "-",
-            alpha=1 if r.trial_id == winner else 0.7,
-            label=r.trial_id.split("_")[-1] + (" (best)" if r.trial_id == winner else ""),
-        )
-    if bicubic:
-        ax.axhline(sum(bicubic) / len(bicubic), color="gray", ls=":", label="bicubic")
-    ax.set(
-        xlabel="epoch", ylabel="val PSNR (dB)", title="val PSNR per trial (dashed: stopped by ASHA)"
-    )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7, ncol=2)
-    for ax, key, label in (
-        (axes[1], "train.lr", "learning rate"),
-        (axes[2], "loss.alpha", "perceptual weight alpha"),
-    ):
+        if hist:
+            curves.append(
+                figures.Curve(
+                    r.trial_id.split("_")[-1],
+                    [h["epoch"] for h in hist],
+                    [h["val_psnr"] for h in hist],
+                    winner=r.trial_id == winner,
+                    dashed=r.stopped_by(settings.max_epochs) == STOPPED_ASHA,
+                )
+            )
+    scatters = []
+    for key, label in (("train.lr", "learning rate"), ("loss.alpha", "perceptual weight alpha")):
         pts = [
             (
                 _number(r.params.get(key)),
@@ -468,37 +328,10 @@ def figure(rows: list[TrialRow], settings: SearchSettings) -> bytes:
             )
             for r in top
         ]
-        pts = [p for p in pts if p[0] is not None]
-        if not pts:
-            ax.text(
-                0.5, 0.5, f"{key} not searched", ha="center", va="center", transform=ax.transAxes
-            )
-        for stop, marker in ((STOPPED_ASHA, "x"), ("", "o"), (STOPPED_PATIENCE, "s")):
-            sel = [p for p in pts if p[2] == stop]
-            if sel:
-                ax.scatter(
-                    [p[0] for p in sel],
-                    [p[1] for p in sel],
-                    marker=marker,
-                    label=stop or "ran to the end",
-                )
-        positive = [p[0] for p in pts if p[0] > 0]
-        if key == "train.lr" and positive:
-            ax.set_xscale("log")
-        elif positive:
-            ax.set_xscale("symlog", linthresh=min(positive))
-        ax.set(
-            xlabel=label + (" (0: MAE only)" if key == "loss.alpha" else ""),
-            ylabel=f"last-epoch {settings.metric}",
-            title=f"last-epoch {settings.metric} vs {label}",
-        )
-        if pts:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+        scatters.append(figures.Scatter(key, label, [p for p in pts if p[0] is not None]))
+    markers = {STOPPED_ASHA: "x", "": "o", STOPPED_PATIENCE: "s"}
+    mean_bicubic = sum(bicubic) / len(bicubic) if bicubic else None
+    return figures.search(curves, mean_bicubic, scatters, settings.metric, markers)
 
 
 def console_lines(
@@ -532,14 +365,6 @@ def console_lines(
 
 
 # --- formatting ---------------------------------------------------------------------------------
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _true(v: Any) -> bool:
-    return v is True or (hasattr(v, "item") and v.item() is True)
 
 
 def _number(v: Any) -> float | None:
