@@ -41,20 +41,17 @@ from typing import Any
 
 import yaml
 
-from srtrain.config import ARCH_FLAGS, Config, from_dict, to_dict
-from srtrain.options import (
+from srtrain.config import (
+    ARCH_FLAGS,
+    Config,
     ConfigError,
-    Rule,
     apply_overrides,
-    at_least,
-    build,
-    option,
+    from_dict,
     parse_override,
     read_yaml,
-    require_mapping,
-    validate,
-    with_value,
+    to_dict,
 )
+from srtrain.options import Rule, at_least, build, option, require_mapping, validate, with_value
 
 SEARCHABLE = (
     "train.lr",
