@@ -180,11 +180,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build(cls: type, data: Any, path: str) -> Any:
     """The dataclass `cls` from a mapping of its field names (None: all defaults)."""
-    require_mapping({} if data is None else data, path or "the job file")
+    if data is None:
+        data = {}
+    require_mapping(data, path or "the job file")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     kwargs = {}
-    for key, value in (data or {}).items():
+    for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
         if key not in fields:
             raise ConfigError(f"{key_path}: unknown key (allowed: {', '.join(fields)})")
@@ -263,12 +265,14 @@ def validate(obj: Any, path: str, cfg: Any) -> None:
             for rule in f.metadata.get("rules", ()):
                 if (rule.given is not None) == dependent:
                     _apply(rule, value, key_path, section, cfg)
-            if not dependent and isinstance(value, Mapping):
-                for k, v in value.items():
-                    if f.metadata.get("each_key"):
-                        _apply(f.metadata["each_key"], k, f"{key_path}.{k}", section, cfg)
-                    if f.metadata.get("each_value"):
-                        _apply(f.metadata["each_value"], v, f"{key_path}.{k}", section, cfg)
+            if dependent or not isinstance(value, Mapping):
+                continue
+            key_rule, value_rule = f.metadata.get("each_key"), f.metadata.get("each_value")
+            for k, v in value.items():
+                if key_rule:
+                    _apply(key_rule, k, f"{key_path}.{k}", section, cfg)
+                if value_rule:
+                    _apply(value_rule, v, f"{key_path}.{k}", section, cfg)
 
 
 def _options(obj: Any, path: str):

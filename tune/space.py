@@ -157,7 +157,8 @@ class SchedulerSettings:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    # Dotted config key -> distribution (the module docstring lists them).
+    # Dotted config key -> distribution (see above); parse_search also makes sure every value a
+    # distribution can sample gives a valid trial config.
     space: dict[str, Distribution] = option(parse=parse_space)  # noqa: RUF009 (a required option)
     metric: str = option("val_psnr", Rule(lambda v: v in METRICS, ", ".join(METRICS)))
     mode: str = option("max", Rule(lambda v: v in ("max", "min"), "max or min"))
