@@ -1,24 +1,58 @@
 """The typed configuration tree of a training job.
 
-A job is a YAML file (see jobs/) whose sections mirror the frozen dataclasses below. Every option
-and its default lives here, once. `load_config(path, overrides)` reads a job, applies repeatable
-`--set dotted.key=value` overrides (parsed to the field's type) and validates the result; any
-problem raises `ConfigError` with the dotted key path, which the entry points print as one line
-and exit 2.
+A job is a YAML file (see jobs/) whose sections mirror the frozen dataclasses below. Every option,
+its default and the rules on its value live here, once (srtrain/options.py declares and applies
+them). `load_config(path, overrides)` reads a job, applies repeatable `--set dotted.key=value`
+overrides (parsed to the field's type) and validates the result; any problem raises `ConfigError`
+with the dotted key path, which the entry points print as one line and exit 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from srtrain.options import (
+    ConfigError,
+    Rule,
+    apply_overrides,
+    at_least,
+    build,
+    option,
+    parse_override,
+    read_yaml,
+    validate,
+)
+
+# Callers import the job-file helpers and ConfigError from here too.
+__all__ = [
+    "ARCH_FLAGS",
+    "VGG19_LAYERS",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DebugConfig",
+    "DegradationConfig",
+    "LossConfig",
+    "ModelConfig",
+    "RunConfig",
+    "ScalingConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "parse_override",
+    "read_yaml",
+    "replace",
+    "to_dict",
+    "to_yaml",
+]
 
 ARCH_FLAGS = ("leaky_relu", "strided_conv", "conv_transpose", "batch_norm", "residual")
 VGG19_LAYERS = tuple(
@@ -27,9 +61,21 @@ VGG19_LAYERS = tuple(
     for c in range(1, n + 1)
 )
 
+_FRACTION = Rule(lambda v: 0 < v < 1, "a number in (0, 1)")
 
-class ConfigError(ValueError):
-    """A job configuration problem a user can fix; the message names the key path."""
+
+def _filled(text: str) -> bool:
+    return text.strip() != ""
+
+
+def _four_scales(data: DataConfig, cfg: Config) -> int:
+    """The U-Net takes LR sides that are multiples of 4 (srtrain/models.py): HR sides are
+    multiples of 4 x scale."""
+    return 4 * cfg.degradation.scale
+
+
+def _kind(loss: LossConfig, cfg: Config) -> str:
+    return loss.kind
 
 
 @dataclass(frozen=True)
@@ -38,27 +84,43 @@ class DataConfig:
     # `python -m srtrain.data build` (local directory or s3://bucket/prefix). Training reads
     # shards only: build an image folder into shards first (the builder takes folders and
     # archives).
-    source: str = "samples"
+    source: str = option(
+        "samples", Rule(_filled, "'samples' or a shard dataset (local path or s3://bucket/prefix)")
+    )
     train_split: str = "train"
     val_split: str = "val"
     # Held out from every training decision (best checkpoint, plateau, early stopping, trial
     # ranking): evaluated once, on the chosen weights, at the end of a run. A source without this
     # split reports no test metrics.
-    test_split: str = "test"
+    test_split: str = option("test", Rule(_filled, "a split name, e.g. test"))
     # HR patch side for training; the LR input is patch_size / scale.
-    patch_size: int = 96
+    patch_size: int = option(
+        96,
+        Rule(
+            lambda v, m: v >= m and v % m == 0,
+            "a positive multiple of {} (4 x degradation.scale)",
+            given=_four_scales,
+        ),
+    )
     # HR center-crop side for validation; 0 means patch_size.
-    val_patch_size: int = 0
+    val_patch_size: int = option(
+        0,
+        Rule(
+            lambda v, m: v == 0 or (v >= m and v % m == 0),
+            "0 or a positive multiple of {}",
+            given=_four_scales,
+        ),
+    )
     # Images per replica per step; the global batch is batch_size x replicas.
-    batch_size: int = 8
+    batch_size: int = option(8, at_least(1))
     # Cap on validation images (0: all of the split).
-    val_images: int = 0
-    shuffle_buffer: int = 512
+    val_images: int = option(0, at_least(0))
+    shuffle_buffer: int = option(512, at_least(1))
     # Training patches cut from each decoded photo (shard sources). 1: decode only the patch's
     # window, every patch from a fresh decode. k > 1: one decode gives k patches, each with the
     # same distribution, in k different batches; 10-20% more images per CPU-second at k = 2
     # (bench/README.md). For input-bound training, at the price of correlated sibling patches.
-    patches_per_image: int = 1
+    patches_per_image: int = option(1, at_least(1))
     # Keep each training shard on local disk after its first read (shard sources only): epochs
     # after the first read no object storage. SRTRAIN_CACHE_DIR sets where (default: the temp dir).
     cache: bool = False
@@ -71,7 +133,9 @@ class DataConfig:
     # decoding with a warning. A number: on, with at most that many GB; a run whose share does
     # not fit fails at the start with one line giving both figures. data.patches_per_image does
     # not apply with the cache.
-    decoded_cache: bool | float = False
+    decoded_cache: bool | float = option(
+        False, Rule(lambda v: isinstance(v, bool) or v > 0, "false, true or a size in GB > 0")
+    )
     # S3-compatible endpoint; empty: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS itself.
     endpoint_url: str = ""
     region: str = ""
@@ -79,11 +143,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DegradationConfig:
-    scale: int = 2
-    blur_kernel: int = 5
-    blur_sigma: float = 1.0
+    scale: int = option(2, Rule(lambda v: v in (2, 3, 4), "2, 3 or 4"))
+    blur_kernel: int = option(5, Rule(lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"))
+    blur_sigma: float = option(1.0, at_least(0.0))
     # Standard deviation of additive Gaussian noise on the 0-255 scale.
-    noise_sigma: float = 10.0
+    noise_sigma: float = option(10.0, at_least(0.0, "0-255 scale"))
     # Seed of the validation/test degradation: the same image always gives the same LR.
     eval_seed: int = 1234
     # Where training pairs are degraded. "input": in tf.data, on the CPU. "replica": tf.data
@@ -102,7 +166,7 @@ class DegradationConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["base", "advanced"] = "base"
-    filters: int = 64
+    filters: int = option(64, at_least(4))
     # Each flag defaults to the arch: all off for base, all on for advanced.
     leaky_relu: bool | None = None
     strided_conv: bool | None = None
@@ -112,7 +176,7 @@ class ModelConfig:
     # Keras BatchNormalization momentum of the moving statistics validation uses (batch_norm
     # only). 0.99, Keras' default, is the original recipe's; at a few thousand steps its moving
     # statistics lag the weights and validation PSNR swings between epochs: 0.9 follows them.
-    bn_momentum: float = 0.99
+    bn_momentum: float = option(0.99, _FRACTION)
     # BatchNorm statistics over all replicas (one batch of N x data.batch_size, and moving
     # statistics identical on every replica). Unset or true: on whenever training runs on
     # several replicas; false: each replica normalises by its own batch.
@@ -123,22 +187,39 @@ class ModelConfig:
 class LossConfig:
     kind: Literal["mae", "composite"] = "mae"
     # Weight of the perceptual term in MAE + alpha x perceptual.
-    alpha: float = 0.0
+    alpha: float = option(0.0, at_least(0.0))
     # VGG19 layer name -> weight inside the perceptual term.
-    perceptual_layers: dict[str, float] = field(default_factory=lambda: {"block5_conv4": 1.0})
+    perceptual_layers: dict[str, float] = option(  # noqa: RUF009 (option() copies the dict)
+        {"block5_conv4": 1.0},
+        Rule(
+            lambda v, kind: kind != "composite" or bool(v), "at least one VGG19 layer", given=_kind
+        ),
+        each_key=Rule(
+            lambda name: name in VGG19_LAYERS,
+            "a VGG19 conv layer name, e.g. block2_conv2 or block5_conv4",
+        ),
+        each_value=Rule(lambda w: w > 0, "a weight > 0"),
+    )
     # "imagenet" (Keras download and cache), a local .weights.h5/.h5 file, or an s3:// object.
-    vgg_weights: str = "imagenet"
+    vgg_weights: str = option(
+        "imagenet",
+        Rule(
+            lambda v, kind: kind != "composite" or _filled(v),
+            "'imagenet', a local weights file or an s3:// object",
+            given=_kind,
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # The defaults are the embedded samples job, sized to finish in under 10 minutes on 2 CPU
     # cores; jobs/iaprtc12-*.yaml carry the original project's 50-epoch recipe.
-    epochs: int = 10
-    steps_per_epoch: int = 200
+    epochs: int = option(10, at_least(1))
+    steps_per_epoch: int = option(200, at_least(1))
     # Validation batches per epoch (0: the whole validation split).
-    val_steps: int = 0
-    lr: float = 5e-4
+    val_steps: int = option(0, at_least(0))
+    lr: float = option(5e-4, Rule(lambda v: v > 0, "a number > 0"))
     # "linear" multiplies lr by global_batch / batch_size (the replica count).
     lr_scaling: Literal["none", "linear"] = "none"
     # "plateau": the original's ReduceLROnPlateau (lr x plateau_factor after plateau_patience
@@ -146,64 +227,80 @@ class TrainConfig:
     # cosine decay to min_lr at the last planned step (epochs x steps_per_epoch), computed from
     # the optimizer's step on the device every step; val PSNR then decides nothing about lr.
     schedule: Literal["plateau", "cosine"] = "plateau"
-    warmup_steps: int = 0
-    plateau_factor: float = 0.2
-    plateau_patience: int = 3
-    min_lr: float = 1e-6
+    warmup_steps: int = option(
+        0,
+        Rule(
+            lambda v, total: 0 <= v < total,
+            "an integer in [0, {}) (train.epochs x train.steps_per_epoch)",
+            given=lambda t, _: t.epochs * t.steps_per_epoch,
+        ),
+    )
+    plateau_factor: float = option(0.2, _FRACTION)
+    plateau_patience: int = option(3, at_least(1))
+    min_lr: float = option(
+        1e-6,
+        Rule(lambda v, lr: 0 < v <= lr, "a number in (0, train.lr={}]", given=lambda t, _: t.lr),
+    )
     # Exponential moving average of the weights (BatchNorm statistics included), decay per step;
     # 0: off. When on, the averaged weights are the ones validated, chosen as best, tested and
     # exported (model.keras); the raw weights stay in the checkpoint for resuming. The decay
     # ramps up as min(ema_decay, (1 + step) / (10 + step)) so early epochs validate sensibly.
-    ema_decay: float = 0.0
+    ema_decay: float = option(0.0, Rule(lambda v: 0 <= v < 1, "a number in [0, 1) (0: off)"))
     # Clip the global gradient (summed over replicas, before the optimizer) to this L2 norm;
     # 0: off. Every replica scales its gradient by the same factor.
-    grad_clip_norm: float = 0.0
+    grad_clip_norm: float = option(0.0, at_least(0.0, "0: off"))
     # Epochs without a better val PSNR before stopping (0: never stop early).
-    early_stop_patience: int = 7
+    early_stop_patience: int = option(7, at_least(0, "0 disables early stopping"))
     # Wall-time budget for training, validation included (0: none). At an epoch end the run
     # stops if one more epoch, as long as the longest so far, would pass it; the time counts
     # from the first step (a resumed run adds the time its checkpoint recorded). The best-on-val
     # weights are then tested and exported as after early stopping. With the cosine schedule lr
     # has not decayed to min_lr when the budget ends it; train.ema_decay smooths that.
-    time_limit_minutes: float = 0.0
+    time_limit_minutes: float = option(0.0, at_least(0.0, "0: no limit"))
     seed: int = 2077
     # "auto": bf16 where the hardware has fast bf16 (AMX CPUs, Ampere+ GPUs), else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     jit: bool = False
     # Also checkpoint every N steps inside an epoch (0: only at epoch ends).
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = option(0, at_least(0))
     # Checkpoints kept: --local keeps the best and this many latest ones; Ray mode keeps this
     # many + 1 with the highest val PSNR, and the latest (Ray's CheckpointConfig.num_to_keep).
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = option(2, at_least(1))
     # Validation images written to samples.png.
-    sample_images: int = 3
+    sample_images: int = option(3, at_least(0))
 
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 1
-    gpus_per_worker: int = 0
-    cpus_per_worker: int = 1
+    num_workers: int = option(1, at_least(1))
+    gpus_per_worker: int = option(0, at_least(0))
+    cpus_per_worker: int = option(1, at_least(1))
 
 
 @dataclass(frozen=True)
 class RunConfig:
     # Run directory name under storage; empty: "<job name>-<UTC timestamp>".
-    name: str = ""
+    name: str = option(
+        "",
+        Rule(
+            lambda v: v == "" or re.fullmatch(r"[\w.-]+", v) is not None,
+            "letters, digits, '_', '-' and '.'",
+        ),
+    )
     # Local directory or s3://bucket/prefix holding run directories (--output sets it).
-    storage: str = "runs"
+    storage: str = option("runs", Rule(_filled, "a local directory or s3://bucket/prefix"))
     # Worker failures Ray recovers from by restarting from the latest checkpoint.
-    max_failures: int = 0
+    max_failures: int = option(0, at_least(-1, "-1: forever"))
 
 
 @dataclass(frozen=True)
 class DebugConfig:
     # Tests only: the rank-1 worker (rank 0 with one worker) kills itself at this global step,
     # once per run.
-    fail_at_step: int = 0
+    fail_at_step: int = option(0, at_least(0))
     # Split the CPU into this many logical devices (>= 2: MirroredStrategy over them), to test
     # multi-GPU code paths on a machine without GPUs. 0: off.
-    cpu_replicas: int = 0
+    cpu_replicas: int = option(0, at_least(0))
 
 
 @dataclass(frozen=True)
@@ -220,78 +317,22 @@ class Config:
 
 # --- building from plain data -------------------------------------------------------------------
 
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is dict:
-        k, v = typing.get_args(tp)
-        return f"a mapping of {_type_name(k)} to {_type_name(v)}"
-    return {type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Checks `value` (from YAML) against the annotation `tp`; returns it in the field's type."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{path}: got {value!r}, expected one of {_type_name(tp)}")
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, path)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
-    if origin is dict:
-        ktp, vtp = typing.get_args(tp)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
-        return {_coerce(k, ktp, path): _coerce(v, vtp, f"{path}.{k}") for k, v in value.items()}
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        where = path or "the job file"
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        key_path = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            raise ConfigError(f"{key_path}: unknown key (allowed: {', '.join(names)})")
-        kwargs[key] = _coerce(value, hints[key], key_path)
-    return cls(**kwargs)
+_ARCH_DEFAULTS = {"base": False, "advanced": True}
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:
-    """Builds and validates a Config from nested plain data (parsed YAML)."""
-    return _resolve(_build(Config, data, ""))
+    """Builds and validates a Config from nested plain data (parsed YAML); each model flag left
+    unset takes its arch's default."""
+    cfg = build(Config, data, "")
+    flags = {
+        k: _ARCH_DEFAULTS[cfg.model.arch]
+        if getattr(cfg.model, k) is None
+        else getattr(cfg.model, k)
+        for k in ARCH_FLAGS
+    }
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **flags))
+    validate(cfg, "", cfg)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -302,257 +343,13 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-# --- overrides ----------------------------------------------------------------------------------
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """'train.lr=1e-3' -> (['train', 'lr'], 0.001); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key.strip()):
-        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. train.lr=1e-3")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    # YAML 1.1 reads "1e-3" as a string; the field's type decides, so try a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.fullmatch(r"[-+]?[\d.]+e[-+]?\d+", value, re.I) else value
-        except ValueError:
-            pass
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Sets each dotted key in nested plain data (a copy); the Config build validates it."""
-    data = _deep_copy(data)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            child = node.get(k)
-            if not isinstance(child, dict):
-                child = {}
-                node[k] = child
-            node = child
-        node[keys[-1]] = value
-    return data
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, Mapping):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    return data
-
-
 # --- loading ------------------------------------------------------------------------------------
-
-
-class _JobLoader(yaml.SafeLoader):
-    """YAML 1.1 reads a plain `on`, `off`, `yes` or `no` as a boolean, keys included; a job's keys
-    are names (`degradation.on`), so a key is kept as the text written. Values are unchanged."""
-
-
-def _mapping_with_named_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
-    loader.flatten_mapping(node)
-    return {
-        (k.value if k.tag == "tag:yaml.org,2002:bool" else loader.construct_object(k, deep=True)): (
-            loader.construct_object(v, deep=True)
-        )
-        for k, v in node.value
-    }
-
-
-_JobLoader.add_constructor("tag:yaml.org,2002:map", _mapping_with_named_keys)
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: job file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read job file ({e.strerror})") from None
-    try:
-        data = yaml.load(text, Loader=_JobLoader)  # a SafeLoader
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}:{where}: invalid YAML ({problem})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Reads a job YAML (None: all defaults), applies --set overrides, validates."""
     data = read_yaml(path) if path else {}
     return from_dict(apply_overrides(data, list(overrides)))
-
-
-# --- validation ---------------------------------------------------------------------------------
-
-_ARCH_DEFAULTS = {"base": False, "advanced": True}
-
-
-def _resolve(cfg: Config) -> Config:
-    """Fills arch-dependent defaults and checks every value; returns the resolved config."""
-    flags = {
-        k: _ARCH_DEFAULTS[cfg.model.arch]
-        if getattr(cfg.model, k) is None
-        else getattr(cfg.model, k)
-        for k in ARCH_FLAGS
-    }
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **flags))
-    _validate(cfg)
-    return cfg
-
-
-def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{path}: got {value!r}, allowed: {allowed}")
-
-
-def _validate(cfg: Config) -> None:
-    d, g, m, lo, t, s, r = (
-        cfg.data,
-        cfg.degradation,
-        cfg.model,
-        cfg.loss,
-        cfg.train,
-        cfg.scaling,
-        cfg.run,
-    )
-    _check(g.scale in (2, 3, 4), "degradation.scale", g.scale, "2, 3 or 4")
-    mult = 4 * g.scale
-    _check(
-        d.patch_size >= mult and d.patch_size % mult == 0,
-        "data.patch_size",
-        d.patch_size,
-        f"a positive multiple of {mult} (4 x degradation.scale)",
-    )
-    _check(
-        d.val_patch_size == 0 or (d.val_patch_size >= mult and d.val_patch_size % mult == 0),
-        "data.val_patch_size",
-        d.val_patch_size,
-        f"0 or a positive multiple of {mult}",
-    )
-    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
-    _check(d.val_images >= 0, "data.val_images", d.val_images, "an integer >= 0")
-    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 1")
-    _check(
-        d.patches_per_image >= 1, "data.patches_per_image", d.patches_per_image, "an integer >= 1"
-    )
-    _check(bool(d.test_split.strip()), "data.test_split", d.test_split, "a split name, e.g. test")
-    _check(
-        isinstance(d.decoded_cache, bool) or d.decoded_cache > 0,
-        "data.decoded_cache",
-        d.decoded_cache,
-        "false, true or a size in GB > 0",
-    )
-    _check(
-        bool(d.source.strip()),
-        "data.source",
-        d.source,
-        "'samples' or a shard dataset (local path or s3://bucket/prefix)",
-    )
-    _check(
-        g.blur_kernel >= 1 and g.blur_kernel % 2 == 1,
-        "degradation.blur_kernel",
-        g.blur_kernel,
-        "an odd integer >= 1",
-    )
-    _check(g.blur_sigma >= 0, "degradation.blur_sigma", g.blur_sigma, "a number >= 0")
-    _check(
-        g.noise_sigma >= 0, "degradation.noise_sigma", g.noise_sigma, "a number >= 0 (0-255 scale)"
-    )
-    _check(m.filters >= 4, "model.filters", m.filters, "an integer >= 4")
-    _check(0 < m.bn_momentum < 1, "model.bn_momentum", m.bn_momentum, "a number in (0, 1)")
-    _check(lo.alpha >= 0, "loss.alpha", lo.alpha, "a number >= 0")
-    if lo.kind == "composite":
-        _check(
-            bool(lo.perceptual_layers),
-            "loss.perceptual_layers",
-            lo.perceptual_layers,
-            "at least one VGG19 layer",
-        )
-        _check(
-            bool(lo.vgg_weights.strip()),
-            "loss.vgg_weights",
-            lo.vgg_weights,
-            "'imagenet', a local weights file or an s3:// object",
-        )
-    for name, w in lo.perceptual_layers.items():
-        _check(
-            name in VGG19_LAYERS,
-            f"loss.perceptual_layers.{name}",
-            name,
-            "a VGG19 conv layer name, e.g. block2_conv2 or block5_conv4",
-        )
-        _check(w > 0, f"loss.perceptual_layers.{name}", w, "a weight > 0")
-    _check(t.epochs >= 1, "train.epochs", t.epochs, "an integer >= 1")
-    _check(t.steps_per_epoch >= 1, "train.steps_per_epoch", t.steps_per_epoch, "an integer >= 1")
-    _check(t.val_steps >= 0, "train.val_steps", t.val_steps, "an integer >= 0")
-    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
-    _check(0 < t.plateau_factor < 1, "train.plateau_factor", t.plateau_factor, "a number in (0, 1)")
-    _check(t.plateau_patience >= 1, "train.plateau_patience", t.plateau_patience, "an integer >= 1")
-    _check(0 < t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"a number in (0, train.lr={t.lr}]")
-    total = t.epochs * t.steps_per_epoch
-    _check(
-        0 <= t.warmup_steps < total,
-        "train.warmup_steps",
-        t.warmup_steps,
-        f"an integer in [0, {total}) (train.epochs x train.steps_per_epoch)",
-    )
-    _check(0 <= t.ema_decay < 1, "train.ema_decay", t.ema_decay, "a number in [0, 1) (0: off)")
-    _check(
-        t.time_limit_minutes >= 0,
-        "train.time_limit_minutes",
-        t.time_limit_minutes,
-        "a number >= 0 (0: no limit)",
-    )
-    _check(
-        t.grad_clip_norm >= 0, "train.grad_clip_norm", t.grad_clip_norm, "a number >= 0 (0: off)"
-    )
-    _check(
-        t.early_stop_patience >= 0,
-        "train.early_stop_patience",
-        t.early_stop_patience,
-        "an integer >= 0 (0 disables early stopping)",
-    )
-    _check(
-        t.checkpoint_every_steps >= 0,
-        "train.checkpoint_every_steps",
-        t.checkpoint_every_steps,
-        "an integer >= 0",
-    )
-    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
-    _check(t.sample_images >= 0, "train.sample_images", t.sample_images, "an integer >= 0")
-    _check(s.num_workers >= 1, "scaling.num_workers", s.num_workers, "an integer >= 1")
-    _check(s.gpus_per_worker >= 0, "scaling.gpus_per_worker", s.gpus_per_worker, "an integer >= 0")
-    _check(s.cpus_per_worker >= 1, "scaling.cpus_per_worker", s.cpus_per_worker, "an integer >= 1")
-    _check(
-        r.name == "" or re.fullmatch(r"[\w.-]+", r.name) is not None,
-        "run.name",
-        r.name,
-        "letters, digits, '_', '-' and '.'",
-    )
-    _check(
-        bool(r.storage.strip()), "run.storage", r.storage, "a local directory or s3://bucket/prefix"
-    )
-    _check(
-        r.max_failures >= -1, "run.max_failures", r.max_failures, "an integer >= -1 (-1: forever)"
-    )
-    _check(
-        cfg.debug.fail_at_step >= 0, "debug.fail_at_step", cfg.debug.fail_at_step, "an integer >= 0"
-    )
-    _check(
-        cfg.debug.cpu_replicas >= 0, "debug.cpu_replicas", cfg.debug.cpu_replicas, "an integer >= 0"
-    )
 
 
 def replace(cfg: Config, overrides: list[str]) -> Config:

@@ -93,6 +93,12 @@ def test_job_files_load(tmp_path):
         ({"train": {"grad_clip_norm": -1.0}}, "train.grad_clip_norm"),
         ({"model": {"bn_momentum": 1.0}}, "model.bn_momentum"),
         ({"data": {"test_split": ""}}, "data.test_split"),
+        # A rule that reads another option runs once that option passed its own rules.
+        ({"degradation": {"scale": 5}}, "degradation.scale"),
+        ({"degradation": {"scale": 0}}, "degradation.scale"),
+        ({"train": {"lr": 1e-4, "min_lr": 1e-3}}, "train.min_lr"),
+        ({"loss": {"kind": "composite", "perceptual_layers": {}}}, "loss.perceptual_layers"),
+        ({"loss": {"kind": "composite", "vgg_weights": " "}}, "loss.vgg_weights"),
     ],
 )
 def test_bad_values_name_the_key_path(data, key):
@@ -100,6 +106,18 @@ def test_bad_values_name_the_key_path(data, key):
         from_dict(data)
     assert str(e.value).startswith(key), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_an_error_says_what_was_given_and_what_is_allowed():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"train": {"epochs": 2, "steps_per_epoch": 5, "warmup_steps": 10}})
+    assert str(e.value) == (
+        "train.warmup_steps: got 10, allowed: an integer in [0, 10) "
+        "(train.epochs x train.steps_per_epoch)"
+    )
+    with pytest.raises(ConfigError) as e:
+        from_dict({"loss": {"perceptual_layers": {"block2_conv2": 0}}})
+    assert str(e.value) == "loss.perceptual_layers.block2_conv2: got 0.0, allowed: a weight > 0"
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -17,37 +17,35 @@ from pathlib import Path
 import pytest
 import yaml
 
-from srtrain.config import ConfigError, load_config
+from srtrain.config import ConfigError, apply_overrides, load_config
 from tune import space
 from tune.search import concurrent_trials, load_search_job
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_JOB = {
-    "data": {"source": "samples", "patch_size": 32, "val_patch_size": 64, "batch_size": 4},
-    "model": {"arch": "base", "filters": 8},
-    "loss": {"kind": "mae"},
-    "train": {
-        "epochs": 4,
-        "steps_per_epoch": 3,
-        "lr": 1.0e-3,
-        "early_stop_patience": 0,
-        "sample_images": 1,
-        "precision": "fp32",
-    },
-    "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-    "search": {
-        "algorithm": "optuna",
-        "seed": 1,
-        "num_samples": 4,
-        "max_concurrent_trials": 2,
-        "scheduler": {"grace_period": 1, "reduction_factor": 2},
-        "space": {
-            "train.lr": {"loguniform": [1.0e-4, 3.0e-2]},
-            "loss.alpha": {"choice": [0.0]},
-            "model.batch_norm": {"choice": [False, True]},
-        },
-    },
+# The default search (tune/space.py) shrunk to seconds: 4 trials of 3 steps on tiny patches, 2 at
+# a time, over a 3-key space.
+TINY_JOB = apply_overrides(
+    space.DEFAULT_JOB,
+    [
+        "data.patch_size=32",
+        "data.val_patch_size=64",
+        "data.batch_size=4",
+        "model.filters=8",
+        "train.epochs=4",
+        "train.steps_per_epoch=3",
+        "train.sample_images=1",
+        "train.precision=fp32",
+        "search.seed=1",
+        "search.num_samples=4",
+        "search.max_concurrent_trials=2",
+        "search.scheduler.grace_period=1",
+    ],
+)
+TINY_JOB["search"]["space"] = {
+    "train.lr": {"loguniform": [1.0e-4, 3.0e-2]},
+    "loss.alpha": {"choice": [0.0]},
+    "model.batch_norm": {"choice": [False, True]},
 }
 
 
@@ -152,11 +150,17 @@ def test_bad_search_spaces_name_the_key(bad, message):
     ("section", "message"),
     [
         ({"scheduler": {"grace_period": 9}}, "search.scheduler.grace_period: got 9"),
-        ({"scheduler": {"reduction_factor": 1}}, "search.scheduler.reduction_factor: got 1"),
+        (
+            {"scheduler": {"reduction_factor": 1}},
+            r"search.scheduler.reduction_factor: got 1\.0, allowed: a number > 1$",
+        ),
         ({"metric": "psnr"}, "search.metric: got 'psnr'"),
         ({"algorithm": "grid"}, "search.algorithm: got 'grid'"),
         ({"num_samples": 0}, "search.num_samples: got 0"),
         ({"tune": 1}, "search.tune: unknown key"),
+        ({"max_epochs": 4}, "search.max_epochs: unknown key"),  # scheduler.max_epochs sets it
+        # Typed as in a training job: a value of the wrong type gets the type named.
+        ({"max_concurrent_trials": 1.5}, "search.max_concurrent_trials: got 1.5, expected int$"),
     ],
 )
 def test_bad_search_settings_name_the_key(tmp_path, section, message):

@@ -51,6 +51,7 @@ from srtrain.config import (
     read_yaml,
     to_dict,
 )
+from srtrain.options import Rule, at_least, build, option, require_mapping, validate, with_value
 
 SEARCHABLE = (
     "train.lr",
@@ -118,25 +119,60 @@ class Distribution:
         return f"{self.kind}{list(self.args)}"
 
 
+def parse_space(data: Any, path: str) -> dict[str, Distribution]:
+    """A `space:` mapping -> {dotted config key: Distribution}; `_check_space` then tries the
+    values it can sample against the job."""
+    require_mapping(data, path)
+    if not data:
+        raise ConfigError(f"{path}: empty; map at least one config key to a distribution")
+    space = {}
+    for key, spec in data.items():
+        key_path = f"{path}.{key}"
+        if not isinstance(key, str) or not _known_key(key):
+            raise ConfigError(
+                f"{key_path}: unknown config key (searchable: {', '.join(SEARCHABLE)})"
+            )
+        if key not in SEARCHABLE:
+            raise ConfigError(f"{key_path}: not searchable (searchable: {', '.join(SEARCHABLE)})")
+        space[key] = _parse_distribution(spec, key_path)
+    return space
+
+
+def _epochs_of_a_full_trial(scheduler: SchedulerSettings, cfg: Config) -> int:
+    return scheduler.max_epochs or cfg.train.epochs
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
-    grace_period: int = 1
-    reduction_factor: float = 2.0
-    max_epochs: int = 0  # 0: train.epochs
+    # Epochs every trial runs before ASHA can stop it.
+    grace_period: int = option(
+        1,
+        Rule(
+            lambda v, epochs: 1 <= v <= epochs,
+            "an integer in [1, {}] (the epochs of a full trial)",
+            given=_epochs_of_a_full_trial,
+        ),
+    )
+    # ASHA keeps the top 1/reduction_factor of the trials at each rung.
+    reduction_factor: float = option(2.0, Rule(lambda v: 1 < v < math.inf, "a number > 1"))
+    # Epochs of a full trial; 0: train.epochs.
+    max_epochs: int = option(0, at_least(0, "0: train.epochs"))
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    space: dict[str, Distribution] = field(default_factory=dict)
-    metric: str = "val_psnr"
-    mode: str = "max"
-    algorithm: str = "optuna"
-    seed: int = 0
-    num_samples: int = 8
-    max_concurrent_trials: int = 0
+    # Dotted config key -> distribution (see above); parse_search also makes sure every value a
+    # distribution can sample gives a valid trial config.
+    space: dict[str, Distribution] = option(parse=parse_space)  # noqa: RUF009 (a required option)
+    metric: str = option("val_psnr", Rule(lambda v: v in METRICS, ", ".join(METRICS)))
+    mode: str = option("max", Rule(lambda v: v in ("max", "min"), "max or min"))
+    algorithm: str = option("optuna", Rule(lambda v: v in ALGORITHMS, ", ".join(ALGORITHMS)))
+    seed: int = option(0, at_least(0))
+    num_samples: int = option(8, at_least(1))
+    max_concurrent_trials: int = option(0, at_least(0, "0: as many as the cluster fits"))
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
-    # Epochs of a full trial: scheduler.max_epochs or train.epochs (filled in by the loader).
-    max_epochs: int = 0
+    # Epochs of a full trial: scheduler.max_epochs or train.epochs (filled in by parse_search).
+    max_epochs: int = option(0, derived=True)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -169,12 +205,8 @@ def _apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         keys, value = parse_override(text)
         if keys[:2] == ["search", "space"] and len(keys) > 2:
-            search = data.setdefault("search", {})
-            if not isinstance(search, dict):
-                raise ConfigError(f"search: expected a mapping of keys, got {search!r}")
-            space = search.setdefault("space", {})
-            if not isinstance(space, dict):
-                raise ConfigError(f"search.space: expected a mapping of keys, got {space!r}")
+            search = require_mapping(data.setdefault("search", {}), "search")
+            space = require_mapping(search.setdefault("space", {}), "search.space")
             space[".".join(keys[2:])] = value
         else:
             plain.append(text)
@@ -183,92 +215,15 @@ def _apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def parse_search(data: Any, cfg: Config) -> SearchSettings:
     """Validates a `search:` section against the training config it searches around."""
-    _require_mapping(data, "search")
-    names = [f.name for f in dataclasses.fields(SearchSettings) if f.name != "max_epochs"]
-    _reject_unknown(data, names, "search")
-    s = SearchSettings()
-    metric = data.get("metric", s.metric)
-    _check(metric in METRICS, "search.metric", metric, ", ".join(METRICS))
-    mode = data.get("mode", s.mode)
-    _check(mode in ("max", "min"), "search.mode", mode, "max or min")
-    algorithm = data.get("algorithm", s.algorithm)
-    _check(algorithm in ALGORITHMS, "search.algorithm", algorithm, ", ".join(ALGORITHMS))
-    seed = data.get("seed", s.seed)
-    _check(_is_int(seed) and seed >= 0, "search.seed", seed, "an integer >= 0")
-    num_samples = data.get("num_samples", s.num_samples)
-    _check(
-        _is_int(num_samples) and num_samples >= 1,
-        "search.num_samples",
-        num_samples,
-        "an integer >= 1",
-    )
-    concurrent = data.get("max_concurrent_trials", s.max_concurrent_trials)
-    _check(
-        _is_int(concurrent) and concurrent >= 0,
-        "search.max_concurrent_trials",
-        concurrent,
-        "an integer >= 0 (0: as many as the cluster fits)",
-    )
-    scheduler = _parse_scheduler(data.get("scheduler") or {}, cfg)
-    space = _parse_space(data.get("space"), cfg)
-    return SearchSettings(
-        space=space,
-        metric=metric,
-        mode=mode,
-        algorithm=algorithm,
-        seed=seed,
-        num_samples=num_samples,
-        max_concurrent_trials=concurrent,
-        scheduler=scheduler,
-        max_epochs=scheduler.max_epochs or cfg.train.epochs,
-    )
+    settings = build(SearchSettings, require_mapping(data, "search"), "search")
+    validate(settings, "search", cfg)
+    _check_space(settings.space, cfg)
+    epochs = _epochs_of_a_full_trial(settings.scheduler, cfg)
+    return dataclasses.replace(settings, max_epochs=epochs)
 
 
-def _parse_scheduler(data: Any, cfg: Config) -> SchedulerSettings:
-    _require_mapping(data, "search.scheduler")
-    _reject_unknown(
-        data, [f.name for f in dataclasses.fields(SchedulerSettings)], "search.scheduler"
-    )
-    d = SchedulerSettings()
-    max_epochs = data.get("max_epochs", d.max_epochs)
-    _check(
-        _is_int(max_epochs) and max_epochs >= 0,
-        "search.scheduler.max_epochs",
-        max_epochs,
-        "an integer >= 0 (0: train.epochs)",
-    )
-    epochs = max_epochs or cfg.train.epochs
-    grace = data.get("grace_period", d.grace_period)
-    _check(
-        _is_int(grace) and 1 <= grace <= epochs,
-        "search.scheduler.grace_period",
-        grace,
-        f"an integer in [1, {epochs}] (the epochs of a full trial)",
-    )
-    factor = _number(data.get("reduction_factor", d.reduction_factor))
-    _check(
-        factor is not None and factor > 1,
-        "search.scheduler.reduction_factor",
-        data.get("reduction_factor"),
-        "a number > 1",
-    )
-    return SchedulerSettings(
-        grace_period=grace, reduction_factor=float(factor), max_epochs=max_epochs
-    )
-
-
-def _parse_space(data: Any, cfg: Config) -> dict[str, Distribution]:
-    _require_mapping(data, "search.space")
-    if not data:
-        raise ConfigError("search.space: empty; map at least one config key to a distribution")
-    space = {}
-    for key, spec in data.items():
-        path = f"search.space.{key}"
-        if not isinstance(key, str) or not _known_key(str(key)):
-            raise ConfigError(f"{path}: unknown config key (searchable: {', '.join(SEARCHABLE)})")
-        if key not in SEARCHABLE:
-            raise ConfigError(f"{path}: not searchable (searchable: {', '.join(SEARCHABLE)})")
-        space[key] = _parse_distribution(spec, path)
+def _check_space(space: dict[str, Distribution], cfg: Config) -> None:
+    """Every value a distribution can sample (its probes) must make a valid training config."""
     base = to_dict(cfg)
     for key, dist in space.items():
         for value in _probe_values(dist):
@@ -279,7 +234,6 @@ def _parse_space(data: Any, cfg: Config) -> dict[str, Distribution]:
         _check_value(
             probe, "loss.alpha", max(_probe_values(space["loss.alpha"])), "search.space.loss.alpha"
         )
-    return space
 
 
 def _parse_distribution(spec: Any, path: str) -> Distribution:
@@ -418,33 +372,7 @@ def param_space(settings: SearchSettings) -> dict[str, Any]:
 
 
 def _set(data: dict, key: str, value: Any) -> dict:
-    data = copy.deepcopy(data)
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return data
-
-
-def _require_mapping(data: Any, path: str) -> None:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of keys, got {data!r}")
-
-
-def _reject_unknown(data: Mapping, names: list[str], path: str) -> None:
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{path}.{key}: unknown key (allowed: {', '.join(names)})")
-
-
-def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{path}: got {value!r}, allowed: {allowed}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return with_value(data, key.split("."), value)
 
 
 def _number(v: Any) -> float | None:
