@@ -122,7 +122,7 @@ class DataConfig:
     # (bench/README.md). For input-bound training, at the price of correlated sibling patches.
     patches_per_image: int = option(1, at_least(1))
     # Keep each training shard on local disk after its first read (shard sources only): epochs
-    # after the first read no object storage. SRTRAIN_CACHE_DIR sets where (default: the temp dir).
+    # after the first read no object storage. SRTRAIN_CACHE sets where (README: Local cache).
     cache: bool = False
     # Decode each worker's share of the training images once into memory (uint8) and cut every
     # patch from there: a uniformly random image, window and flip/rotation per patch, a copy's
