@@ -73,7 +73,7 @@ METRICS = ("val_psnr", "val_ssim", "val_loss")
 ALGORITHMS = ("optuna", "hyperopt", "random")
 
 # The search `python -m tune.search` runs with no --config; jobs/tune-samples.yaml is the same job
-# (tests/test_tune.py checks they agree). Sized to finish in about 10 minutes on 2 CPU cores:
+# (tests/test_tune.py checks they agree). Sized to finish in about 12 minutes on 2 CPU cores:
 # small patches and filters, few steps per epoch, two one-worker trials at a time.
 DEFAULT_JOB: dict[str, Any] = {
     "data": {"source": "samples", "patch_size": 64, "val_patch_size": 128, "batch_size": 8},
