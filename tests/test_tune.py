@@ -34,6 +34,7 @@ TINY_JOB = apply_overrides(
         "model.filters=8",
         "train.epochs=4",
         "train.steps_per_epoch=3",
+        "train.warmup_steps=0",  # the default search warms up over 100 steps; this one has 12
         "train.sample_images=1",
         "train.precision=fp32",
         "search.seed=1",
