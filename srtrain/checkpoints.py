@@ -44,9 +44,11 @@ class TrainState:
     best_epoch: int = 0
     plateau_wait: int = 0
     early_stop_wait: int = 0
-    # Wall seconds of the epochs completed (training and validation), and the longest epoch.
+    # Wall seconds of the epochs completed (training and validation), the longest epoch, and
+    # the longest warm one (not the first of a process, which also traces and compiles).
     train_seconds: float = 0.0
     longest_epoch_seconds: float = 0.0
+    warm_epoch_seconds: float = 0.0
     # The best-on-val metrics so far, written into result.json at the end.
     best_metrics: dict = field(default_factory=dict)
 

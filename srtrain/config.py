@@ -224,8 +224,9 @@ class TrainConfig:
     lr_scaling: Literal["none", "linear"] = "none"
     # "plateau": the original's ReduceLROnPlateau (lr x plateau_factor after plateau_patience
     # epochs without a better val PSNR). "cosine": linear warmup over warmup_steps, then a
-    # cosine decay to min_lr at the last planned step (epochs x steps_per_epoch), computed from
-    # the optimizer's step on the device every step; val PSNR then decides nothing about lr.
+    # cosine decay to min_lr at the last planned step (epochs x steps_per_epoch, or the last
+    # epoch time_limit_minutes lets the run finish), computed from the optimizer's step on the
+    # device every step; val PSNR then decides nothing about lr.
     schedule: Literal["plateau", "cosine"] = "plateau"
     warmup_steps: int = option(
         0,
@@ -252,10 +253,12 @@ class TrainConfig:
     # Epochs without a better val PSNR before stopping (0: never stop early).
     early_stop_patience: int = option(7, at_least(0, "0 disables early stopping"))
     # Wall-time budget for training, validation included (0: none). At an epoch end the run
-    # stops if one more epoch, as long as the longest so far, would pass it; the time counts
+    # stops if one more epoch, as long as the longest so far (not counting the first epoch of a
+    # process, which also compiles, once a later one is timed), would pass it; the time counts
     # from the first step (a resumed run adds the time its checkpoint recorded). The best-on-val
-    # weights are then tested and exported as after early stopping. With the cosine schedule lr
-    # has not decayed to min_lr when the budget ends it; train.ema_decay smooths that.
+    # weights are then tested and exported as after early stopping. The cosine schedule is
+    # re-planned at every epoch end to end with the last epoch that fits (by the same rule), so
+    # a run the limit cuts short still decays to min_lr.
     time_limit_minutes: float = option(0.0, at_least(0.0, "0: no limit"))
     seed: int = 2077
     # "auto": bf16 where the hardware has fast bf16 (AMX CPUs, Ampere+ GPUs), else fp32.

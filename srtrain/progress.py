@@ -69,6 +69,8 @@ def progress_line(row: dict, epochs: int) -> str:
         )
     if "lr_reduced_to" in row:
         line += f"  (lr -> {row['lr_reduced_to']:.1e})"
+    if "planned_epochs" in row and not row.get("time_limit"):
+        line += f"  time limit: {row['planned_epochs']} epochs fit, the lr schedule now ends there"
     if row.get("time_limit"):
         line += "  time limit: another epoch would not fit"
     elif row.get("stopped_early"):

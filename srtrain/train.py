@@ -114,7 +114,8 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
 
     with strategy.scope():
         model = models.from_config(cfg.model, scale, dtype=policy, replicas=replicas)
-        optimizer = make_optimizer(schedule.learning_rate(cfg.train, base_lr), policy)
+        lr_schedule = schedule.learning_rate(cfg.train, base_lr)
+        optimizer = make_optimizer(lr_schedule, policy)
         optimizer.build(model.trainable_variables)
         ema = None
         if cfg.train.ema_decay:
@@ -137,6 +138,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         ctx.log_fn(f"resumed from {ctx.restore_from} at epoch {state.epoch}, step {state.step}")
     if cfg.train.schedule == "plateau":
         optimizer.learning_rate.assign(state.lr)
+    planned = schedule.planned_epochs(state, cfg.train)
+    if isinstance(lr_schedule, schedule.CosineSchedule):
+        lr_schedule.plan(planned)
 
     train_iter = iter(distributed_train_dataset(strategy, cfg, global_batch, state.step))
     val_ds = data.eval_dataset(cfg, index=ctx.rank, count=ctx.world_size)
@@ -176,6 +180,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
     images_per_sec = 0.0
     stopped_early = False
 
+    first_epoch = state.epoch + 1
     while state.epoch < cfg.train.epochs and not stopped_early:
         epoch = state.epoch + 1
         t0, wait, meter = time.perf_counter(), 0.0, LossMeter()
@@ -222,7 +227,8 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         )
         state.epoch = epoch
 
-        state, decision = schedule.epoch_end_policy(state, row, cfg.train)
+        warm = epoch > first_epoch  # the first epoch of a process also traces and compiles
+        state, decision = schedule.epoch_end_policy(state, row, cfg.train, warm)
         if decision.improved:
             best_weights = eval_model.get_weights()
         if decision.lr_reduced:
@@ -233,6 +239,12 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
             row["stopped_early"] = True
         if decision.out_of_time:
             row["time_limit"] = True
+        if schedule.planned_epochs(state, cfg.train) != planned:
+            # The time limit will end the run at another epoch: the cosine now ends there.
+            planned = schedule.planned_epochs(state, cfg.train)
+            row["planned_epochs"] = planned
+            if isinstance(lr_schedule, schedule.CosineSchedule) and not decision.stop:
+                lr_schedule.plan(planned)
         row["best"] = decision.improved
         if ctx.chief:
             ctx.log_fn(_progress_line(row, cfg.train.epochs))

@@ -3,6 +3,7 @@ policy (best weights, plateau lr cuts, early stopping), as pure functions."""
 
 import itertools
 import math
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -45,8 +46,63 @@ def test_the_optimizer_follows_the_schedule_from_its_own_step():
         step(batch)
         assert int(opt.iterations) == n
         assert float(opt.learning_rate) == pytest.approx(float(schedule.lr_at(n, cfg.train, 1e-3)))
+    # Re-planned (as the time limit does at an epoch end): the same compiled step follows the
+    # new end; min_lr arrives at the new last step.
+    lr = opt._learning_rate
+    lr.plan(1)  # 10 -> still 10 steps: nothing moves
+    assert float(lr(5)) == pytest.approx(float(schedule.lr_at(5, cfg.train, 1e-3)))
+    short = from_dict({"train": {**cfg.train.__dict__, "steps_per_epoch": 7}}).train
+    lr.total.assign(7.0)
+    step(batch)
+    assert float(opt.learning_rate) == pytest.approx(float(schedule.lr_at(6, short, 1e-3)))
+    assert float(lr(6)) == pytest.approx(cfg.train.min_lr)
     # plateau keeps a plain float the epoch-end policy reassigns
     assert schedule.learning_rate(from_dict({}).train, 5e-4) == 5e-4
+
+
+def test_planned_epochs_end_where_the_time_limit_will_stop_the_run():
+    cfg = train_cfg(epochs=40, time_limit_minutes=10)
+    assert schedule.planned_epochs(TrainState(), cfg) == 40  # no epoch timed yet
+    assert schedule.planned_epochs(TrainState(), train_cfg(epochs=40)) == 40  # no limit
+    # 100 s per epoch: after epoch 1, five more fit in the 500 s left.
+    state = TrainState(epoch=1, train_seconds=100.0, longest_epoch_seconds=100.0)
+    assert schedule.planned_epochs(state, cfg) == 6
+    # the same rule as the stop: at epoch 5 (500 s) one more epoch fits, at epoch 6 none
+    assert (
+        schedule.planned_epochs(dataclasses_replace(state, epoch=5, train_seconds=500.0), cfg) == 6
+    )
+    assert (
+        schedule.planned_epochs(dataclasses_replace(state, epoch=6, train_seconds=600.0), cfg) == 6
+    )
+    # never beyond train.epochs, never before the epochs already done
+    assert schedule.planned_epochs(state, train_cfg(epochs=3, time_limit_minutes=10)) == 3
+    late = TrainState(epoch=7, train_seconds=700.0, longest_epoch_seconds=100.0)
+    assert schedule.planned_epochs(late, cfg) == 7
+    # and the policy stops exactly at the planned epoch
+    policy_state = TrainState(epoch=5, train_seconds=500.0, longest_epoch_seconds=100.0)
+    _, d = schedule.epoch_end_policy(
+        policy_state, {"epoch": 6, "val_psnr": 1.0, "epoch_seconds": 100.0}, cfg
+    )
+    assert d.out_of_time
+
+
+def test_the_first_epoch_of_a_process_counts_only_until_a_warm_one_is_timed():
+    """It also traces, compiles and fills caches: a 300 s first epoch of 100 s ones must not
+    cost the run its last epochs."""
+    cfg = train_cfg(epochs=40, time_limit_minutes=10)
+    timed = [(300.0, False), (100.0, True), (100.0, True)]
+    state = TrainState()
+    plans = []
+    for e, (seconds, warm) in enumerate(timed, 1):
+        state, _ = schedule.epoch_end_policy(
+            dataclasses_replace(state, epoch=e),  # as the loop sets it before the policy
+            {"epoch": e, "val_psnr": 1.0, "epoch_seconds": seconds},
+            cfg,
+            warm,
+        )
+        plans.append(schedule.planned_epochs(state, cfg))
+    assert plans == [2, 4, 4]  # 300 s as the estimate, then 100 s: 300 + 3 x 100 = 600 s
+    assert schedule.epoch_estimate(state) == 100.0 and state.longest_epoch_seconds == 300.0
 
 
 def row(epoch, psnr):
