@@ -298,6 +298,37 @@ def test_trials_rank_by_their_last_epoch_not_their_best():
     assert lucky.best("val_psnr", "max")["checkpoint_path"] == "b"
 
 
+@pytest.mark.parametrize("resumable", [True, False])
+def test_asha_rungs_survive_a_restored_search(tmp_path, resumable):
+    """Tune restores a search's scheduler from the copy pickled at the start (tuner.pkl): only the
+    rungs written beside it let the resumed search stop a trial the earlier scores condemn."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from tune.asha import ResumableASHA
+
+    asha = dict(time_attr="epoch", max_t=4, grace_period=1, reduction_factor=2)
+    state = tmp_path / "asha-rungs.json"
+    first = ResumableASHA(state_uri=str(state), **asha) if resumable else ASHAScheduler(**asha)
+    first.set_search_properties("val_psnr", "max")
+    tuner_pkl = pickle.dumps(first)
+    a, b, c = (SimpleNamespace(trial_id=t) for t in "abc")
+    for t in (a, b):
+        first.on_trial_add(None, t)
+    assert first.on_trial_result(None, a, {"epoch": 1, "val_psnr": 30.0}) == TrialScheduler.CONTINUE
+    assert first.on_trial_result(None, b, {"epoch": 1, "val_psnr": 29.0}) == TrialScheduler.STOP
+
+    restored = pickle.loads(tuner_pkl)  # Ctrl-C, then --resume
+    restored.on_trial_add(None, c)
+    decision = restored.on_trial_result(None, c, {"epoch": 1, "val_psnr": 25.0})
+    assert decision == (TrialScheduler.STOP if resumable else TrialScheduler.CONTINUE)
+    if resumable:
+        rungs = dict((m, r) for m, r in json.loads(state.read_text())["rungs"])
+        assert rungs[1] == {"a": 30.0, "b": 29.0, "c": 25.0}
+
+
 def test_the_summary_reports_the_best_trials_test_score_beside_bicubic(tmp_path):
     from srtrain import checkpoints, models
     from srtrain.train import make_optimizer

@@ -9,7 +9,8 @@ weak trials after each epoch, and every trial is a Ray Train run of the training
 directory `<run.storage>/<name>/` (local or s3://) holds Tune's state, one run directory per
 trial under runs/ (metrics.jsonl, checkpoints), and results.csv, summary.md, best.yaml and
 search.png. A search stopped by Ctrl-C or a lost driver continues with `--resume` (Tune's
-restore: finished trials are kept, unfinished ones continue from their last epoch checkpoint).
+restore: finished trials are kept, unfinished ones continue from their last epoch checkpoint;
+ASHA's rungs come back from asha-rungs.json, tune/asha.py).
 """
 
 from __future__ import annotations
@@ -160,11 +161,15 @@ def make_searcher(settings: SearchSettings):
     return BasicVariantGenerator(random_state=settings.seed)
 
 
-def make_scheduler(settings: SearchSettings):
-    from ray.tune.schedulers import ASHAScheduler
+def make_scheduler(settings: SearchSettings, search_dir: str, cfg: Config):
+    from tune.asha import STATE_FILE, ResumableASHA
 
-    # `epoch` (not Tune's training_iteration) survives a trial restarted from its checkpoint.
-    return ASHAScheduler(
+    # `epoch` (not Tune's training_iteration) survives a trial restarted from its checkpoint; the
+    # rungs survive `--resume` in the search directory.
+    return ResumableASHA(
+        state_uri=storage.join(search_dir, STATE_FILE),
+        endpoint_url=cfg.data.endpoint_url,
+        region=cfg.data.region,
         time_attr="epoch",
         max_t=settings.max_epochs,
         grace_period=settings.scheduler.grace_period,
@@ -211,7 +216,7 @@ def build_tuner(
             metric=settings.metric,
             mode=settings.mode,
             search_alg=make_searcher(settings),
-            scheduler=make_scheduler(settings),
+            scheduler=make_scheduler(settings, search_dir, cfg),
             num_samples=settings.num_samples,
             max_concurrent_trials=concurrent,
             trial_dirname_creator=_trial_dirname,
