@@ -239,10 +239,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
             row["stopped_early"] = True
         if decision.out_of_time:
             row["time_limit"] = True
-        if schedule.planned_epochs(state, cfg.train) != planned:
+        if (fit := schedule.planned_epochs(state, cfg.train)) != planned:
             # The time limit will end the run at another epoch: the cosine now ends there.
-            planned = schedule.planned_epochs(state, cfg.train)
-            row["planned_epochs"] = planned
+            planned = row["planned_epochs"] = fit
             if isinstance(lr_schedule, schedule.CosineSchedule) and not decision.stop:
                 lr_schedule.plan(planned)
         row["best"] = decision.improved
