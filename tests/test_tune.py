@@ -37,17 +37,21 @@ TINY_JOB = apply_overrides(
         "train.warmup_steps=0",  # the default search warms up over 100 steps; this one has 12
         "train.sample_images=1",
         "train.precision=fp32",
-        "search.seed=1",
+        "search.seed=30",
         "search.num_samples=4",
         "search.max_concurrent_trials=2",
         "search.scheduler.grace_period=1",
     ],
 )
+# Twelve steps train little, so the trials' scores must differ by design for ASHA to have a call to
+# make: search.seed 30 samples (lr, batch_norm) = (3e-2, F), (3e-2, F), (1e-5, F), (3e-2, T). The
+# third trial, barely trained, reaches the first rung after a strong one recorded its score there.
 TINY_JOB["search"]["space"] = {
-    "train.lr": {"loguniform": [1.0e-4, 3.0e-2]},
+    "train.lr": {"choice": [3.0e-2, 1.0e-5]},
     "loss.alpha": {"choice": [0.0]},
     "model.batch_norm": {"choice": [False, True]},
 }
+WEAK_LR = 1.0e-5
 
 
 def cli(*args, timeout=120, cwd=REPO):
@@ -469,7 +473,14 @@ def test_asha_stops_weak_trials_and_results_csv_accounts_for_them(search):
     } <= set(rows[0])
     epochs = [int(r["epochs"]) for r in rows]
     stopped = [r for r in rows if r["stopped_by"] == "ASHA"]
-    assert stopped and all(int(r["epochs"]) < 4 for r in stopped)
+    weak = [r for r in rows if float(r["train.lr"]) == WEAK_LR and r["model.batch_norm"] == "False"]
+    assert weak, rows  # the sampled configurations are the ones the space's comment names
+    assert weak[0] in stopped and all(int(r["epochs"]) < 4 for r in stopped)
+    # Every trial's first-rung score is on disk after the resume, not the rungs as they were at it.
+    from tune.asha import STATE_FILE
+
+    rungs = dict((m, r) for m, r in json.loads((search["dir"] / STATE_FILE).read_text())["rungs"])
+    assert set(rungs[1.0]) == {r["trial_id"] for r in rows}
     assert max(epochs) == 4  # the rung leaders run to the end
     assert rows[0]["rank"] == "1" and float(rows[0]["val_psnr"]) == max(
         float(r["val_psnr"]) for r in rows

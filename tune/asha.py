@@ -7,6 +7,11 @@ search run without a break, and may prune none). `ResumableASHA` writes its rung
 JSON object in the search directory after every decision (local or s3://, atomically) and reads
 them back at its first call after a restart, so a resumed search judges each trial against every
 score the search had recorded.
+
+The object sits in a subdirectory (`scheduler/asha-rungs.json`): a resumed Tune copies every
+`*.json` and `*.pkl` at the top of the search directory into its staging directory and uploads
+them back at each experiment checkpoint, which would put the rungs as they were at the restart
+over the newer ones.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from srtrain import storage
 
-STATE_FILE = "asha-rungs.json"
+STATE_FILE = "scheduler/asha-rungs.json"
 
 
 class ResumableASHA(ASHAScheduler):

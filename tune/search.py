@@ -10,7 +10,7 @@ directory `<run.storage>/<name>/` (local or s3://) holds Tune's state, one run d
 trial under runs/ (metrics.jsonl, checkpoints), and results.csv, summary.md, best.yaml and
 search.png. A search stopped by Ctrl-C or a lost driver continues with `--resume` (Tune's
 restore: finished trials are kept, unfinished ones continue from their last epoch checkpoint;
-ASHA's rungs come back from asha-rungs.json, tune/asha.py).
+ASHA's rungs come back from scheduler/asha-rungs.json, tune/asha.py).
 """
 
 from __future__ import annotations
