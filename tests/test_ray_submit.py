@@ -21,24 +21,11 @@ from contextlib import closing, suppress
 from pathlib import Path
 
 import pytest
+from seaweed import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 SMOKE = REPO / "jobs" / "smoke.yaml"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (all held open until every one is chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def free_port_range(size: int, avoid: set[int]) -> int:

@@ -194,6 +194,10 @@ def test_a_diverging_run_stops_within_an_epoch_with_one_line(tmp_path, mode):
         "train.epochs=3",
         "--set",
         "train.lr=1e6",
+        # Leaky ReLUs keep the blown-up activations alive until they overflow: with plain ReLUs
+        # the first step can as well kill every unit, and a dead net's loss stays finite.
+        "--set",
+        "model.leaky_relu=true",
         "--set",
         "train.checkpoint_every_steps=1",
         "--output",
