@@ -196,6 +196,31 @@ def test_degrade_batch_matches_degrade_without_noise():
     assert hr_f.dtype == tf.float32 and lr.shape == (3, 32, 32, 3)
 
 
+def test_channel_shuffle_draws_each_of_the_6_orders_and_degrades_the_shuffled_patch():
+    cfg = load_config(None, ["data.channel_shuffle=true"])
+    plain = load_config(None)
+    # Every patch's channels hold distinct constants, so the order each got can be read back.
+    hr = tf.cast(tf.constant([[[[10, 120, 240]]]]), tf.uint8) * tf.ones([600, 8, 8, 1], tf.uint8)
+    seeds = tf.constant([[5, 6]] * 600, tf.int64)
+    lr, hr_f = ops.degrade_batch(hr, seeds, cfg)
+    orders = np.rint(hr_f.numpy() * 255).astype(int)
+    assert (orders == orders[:, :1, :1]).all()  # one order per patch, for all its pixels
+    counts = {}
+    for order in map(tuple, orders[:, 0, 0]):
+        assert sorted(order) == [10, 120, 240]
+        counts[order] = counts.get(order, 0) + 1
+    assert len(counts) == 6 and min(counts.values()) >= 70, counts  # 100 expected each
+    # The LR is the degradation of the shuffled patch, with the same noise as without shuffling.
+    shuffled_uint8 = tf.cast(tf.round(hr_f * 255), tf.uint8)
+    lr_plain, _ = ops.degrade_batch(shuffled_uint8, seeds, plain)
+    np.testing.assert_allclose(lr.numpy(), lr_plain.numpy(), atol=1e-6)
+    # The orders come from the seeds: the same seeds give them again, others give others.
+    _, again = ops.degrade_batch(hr, seeds, cfg)
+    np.testing.assert_array_equal(again.numpy(), hr_f.numpy())
+    _, other = ops.degrade_batch(hr, seeds + 1, cfg)
+    assert (other.numpy()[:, 0, 0] != hr_f.numpy()[:, 0, 0]).any(axis=1).mean() > 0.5
+
+
 def test_train_dataset_from_shards(dataset):
     dest, _ = dataset
     cfg = cfg_for(dest)

@@ -76,7 +76,13 @@ ALGORITHMS = ("optuna", "hyperopt", "random")
 # (tests/test_tune.py checks they agree). Sized to finish in about 12 minutes on 2 CPU cores:
 # small patches and filters, few steps per epoch, two one-worker trials at a time.
 DEFAULT_JOB: dict[str, Any] = {
-    "data": {"source": "samples", "patch_size": 64, "val_patch_size": 128, "batch_size": 8},
+    "data": {
+        "source": "samples",
+        "patch_size": 64,
+        "val_patch_size": 128,
+        "batch_size": 8,
+        "channel_shuffle": True,  # else the trials learn the training photos' colour bias
+    },
     "model": {"arch": "base", "filters": 16, "bn_momentum": 0.9},
     "loss": {"kind": "mae"},
     "train": {

@@ -175,14 +175,23 @@ def degrade_batch(hr: tf.Tensor, seeds: tf.Tensor, cfg: Config) -> tuple[tf.Tens
 
     The same degradation as `srtrain.degrade.degrade` (area down, blur, Gaussian noise, clip);
     the noise of a batch comes from its first element's seed, so every element still gets
-    fresh independent noise and the batch is reproducible.
+    fresh independent noise and the batch is reproducible. With `data.channel_shuffle` the HR
+    patches first get their random channel orders, from the same seed.
     """
     g = cfg.degradation
+    if cfg.data.channel_shuffle:
+        hr = random_channel_order(hr, tf.random.experimental.stateless_fold_in(seeds[0], 1))
     hr = to_float(hr)  # (B, H, W, 3)
     lr = degrade_ops.blur(degrade_ops.area_downsample(hr, g.scale), g.blur_kernel, g.blur_sigma)
     if g.noise_sigma > 0:
         lr = lr + gaussian_noise(tf.shape(lr), seeds[0], g.noise_sigma / 255.0)
     return tf.clip_by_value(lr, 0.0, 1.0), hr  # (B, H/s, W/s, 3), (B, H, W, 3)
+
+
+def random_channel_order(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """(B, H, W, C) -> each image with its C channels in one of the C! orders, uniformly."""
+    keys = tf.random.stateless_uniform(tf.shape(images)[::3], seed)  # (B, C)
+    return tf.gather(images, tf.argsort(keys, axis=1), axis=3, batch_dims=1)
 
 
 def dataset_options() -> tf.data.Options:
