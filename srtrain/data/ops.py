@@ -190,7 +190,8 @@ def degrade_batch(hr: tf.Tensor, seeds: tf.Tensor, cfg: Config) -> tuple[tf.Tens
 
 def random_channel_order(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """(B, H, W, C) -> each image with its C channels in one of the C! orders, uniformly."""
-    keys = tf.random.stateless_uniform(tf.shape(images)[::3], seed)  # (B, C)
+    shape = tf.shape(images)
+    keys = tf.random.stateless_uniform(tf.stack([shape[0], shape[3]]), seed)  # (B, C)
     return tf.gather(images, tf.argsort(keys, axis=1), axis=3, batch_dims=1)
 
 
