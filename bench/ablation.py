@@ -1,16 +1,20 @@
 """Ablation of the quality recipe: each option with and without, at the same wall-time budget.
 
-    python bench/ablation.py                       # every row, 10 minutes of training each
+    python bench/ablation.py                       # every row, 1,200 training steps each
     python bench/ablation.py --only recipe no-ema  # some rows
     python bench/ablation.py --only recipe --seeds 2077 2078 2079   # error bars over seeds
     python bench/ablation.py --job jobs/quality-advanced.yaml --only recipe bn-0.99
-    python bench/ablation.py --minutes 1 --quick   # checks the harness; figures meaningless
+    python bench/ablation.py --minutes 10          # a wall-time budget instead of a step budget
+    python bench/ablation.py --steps 100 --quick   # checks the harness; figures meaningless
 
 Every row is `jobs/quality-base.yaml` (or --job) run as its first line says, on shards of
-../shared/datasets bsd200 + t91 built as that line builds them, with `--set` overrides and
-`train.time_limit_minutes` set to the budget: the run stops at the epoch end after which another
-epoch would pass it, and the cosine schedule is re-planned to end there. So every row gets the
-same compute on the same machine, and the options that cost time per step pay for it in steps.
+../shared/datasets bsd200 + t91 built as that line builds them, with `--set` overrides and one
+budget for all: `--steps` (default; train.epochs set to it, the time limit off, so the cosine
+schedule is planned over exactly those steps) or `--minutes` (train.time_limit_minutes: the run
+stops at the epoch end after which another epoch would pass it, the cosine re-planned to end
+there). A step budget compares options at equal work whatever else runs on the machine; a
+wall-time budget is what the job's own limit does, but on a shared machine its step counts
+follow the load (each row reports its steps and images/s).
 
 Each row's best checkpoint (chosen on the validation split) is then scored on the build's test
 split (the run's last line) and on Set14, whole images (`srtrain.evaluate --protocol seed`),
@@ -62,7 +66,9 @@ BATCH_NORM_ROWS = {"bn-0.99"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--job", default="jobs/quality-base.yaml")
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget per row")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=1200, help="training steps per run")
+    budget.add_argument("--minutes", type=float, help="wall-time budget per run instead")
     p.add_argument("--only", nargs="+", choices=list(ROWS), help="a subset of the rows")
     p.add_argument("--seeds", type=int, nargs="+", default=[2077], help="train.seed of each run")
     p.add_argument("--quick", action="store_true", help="50-step epochs: checks the harness")
@@ -95,10 +101,16 @@ def build_shards(datasets: Path, shards: Path, options: list[str]) -> None:
 
 def train_and_score(name: str, seed: int, args, shards: Path, runs: Path, reports: Path) -> dict:
     """One row at one seed: train (or reuse), evaluate on Set14 (or reuse), its figures."""
-    sets = ROWS[name][1] + [f"data.source={shards}", f"train.time_limit_minutes={args.minutes}"]
-    sets.append(f"train.seed={seed}")
+    sets = ROWS[name][1] + [f"data.source={shards}", f"train.seed={seed}"]
     if args.quick:
         sets += ["train.steps_per_epoch=50", "train.warmup_steps=20"]
+    if args.minutes:
+        sets.append(f"train.time_limit_minutes={args.minutes}")
+    else:
+        per_epoch = 50 if args.quick else load_config(REPO / args.job).train.steps_per_epoch
+        if args.steps % per_epoch:
+            raise SystemExit(f"--steps: a multiple of the job's {per_epoch} steps per epoch")
+        sets += [f"train.epochs={args.steps // per_epoch}", "train.time_limit_minutes=0"]
     run_name = f"{name}-s{seed}"
     run_dir, set14 = runs / run_name, reports / f"{run_name}-set14"
     if args.fresh:
@@ -193,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(args.work)
     shards = work / "shards"
-    tag = f"{Path(args.job).stem}-{args.minutes:g}min" + ("-quick" if args.quick else "")
+    budget = f"{args.minutes:g}min" if args.minutes else f"{args.steps}steps"
+    tag = f"{Path(args.job).stem}-{budget}" + ("-quick" if args.quick else "")
     runs, reports = work / "runs" / tag, work / "reports" / tag
     t0 = time.perf_counter()
     build_shards(Path(args.datasets), shards, build_options(args.job))
@@ -210,14 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python bench/ablation.py", *sys.argv[1:]])
     rows = {**old.get("rows", {}), **rows}
     out = {
-        "what": f"ablation of {args.job} at {args.minutes:g} minutes of training per run",
+        "what": f"ablation of {args.job}, each run trained for {budget}",
         "commands": [c for c in old.get("commands", []) if c != command] + [command],
         "protocol": "seed: RGB on [0, 1], the run's degradation with a fixed seed per image; "
         "test split = 256 center crops of the build's held-out photos, Set14 = whole images; "
         "each run's checkpoint chosen on validation only",
         "machine": {**machine(), "loadavg_at_end": os.getloadavg()},
         "job": args.job,
-        "minutes": args.minutes,
+        "budget": {"minutes": args.minutes} if args.minutes else {"steps": args.steps},
         "wall_seconds_last_command": round(time.perf_counter() - t0, 1),
         "rows": rows,
         "table_md": table(rows),
