@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = Path(args.out) if args.out else RESULTS / f"ablation-{tag}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    command = " ".join(["python bench/ablation.py", *sys.argv[1:]])
+    argv = sys.argv[1:]  # --work's directory is this machine's, not part of the recipe
+    argv = [("W" if i and argv[i - 1] == "--work" else a) for i, a in enumerate(argv)]
+    command = " ".join(["python bench/ablation.py", *argv])
     rows = {**old.get("rows", {}), **rows}
     out = {
         "what": f"ablation of {args.job}, each run trained for {budget}",
