@@ -141,7 +141,8 @@ class DataConfig:
     # degradation treats channels alike, so the mapping to learn is unchanged; what goes is the
     # colour bias of a small training set (the bundled photos: gray textures, red retina and
     # stained-tissue images), which otherwise gives a short training run a colour cast of up to
-    # 0.07 on natural photos (bench/README.md).
+    # 0.07 on natural photos (bench/README.md). On a varied set it costs: 0.15 dB on Set14 at
+    # equal steps on BSD200 + T91 (bench/README.md, the ablation), so a tool for small sets.
     channel_shuffle: bool = False
     # S3-compatible endpoint; empty: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS itself.
     endpoint_url: str = ""
