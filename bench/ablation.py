@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiment import DATASETS, REPO, RESULTS, run
+from experiment import DATASETS, REPO, RESULTS, build_shards, run
 from train_throughput import machine
 
 from srtrain.config import load_config
@@ -84,19 +84,6 @@ def build_options(job: str) -> list[str]:
     first = (REPO / job).read_text().splitlines()[0]
     words = shlex.split(first.lstrip("# ").split("&&")[0])
     return words[words.index("DIR") + 1 :]
-
-
-def build_shards(datasets: Path, shards: Path, options: list[str]) -> None:
-    if (shards / "manifest.json").is_file():
-        print(f"shards: {shards} (exists)")
-        return
-    for name in ("bsd200", "t91", "set14"):
-        if not (datasets / name).is_dir():
-            raise SystemExit(f"{datasets / name}: missing (see ../shared/datasets/README.md)")
-    src = f"{datasets}/[bt]*/*.png"  # bsd200 and t91, not the evaluation sets
-    run(
-        [sys.executable, "-m", "srtrain.data", "build", src, str(shards), *options, "--no-progress"]
-    )
 
 
 def train_and_score(name: str, seed: int, args, shards: Path, runs: Path, reports: Path) -> dict:

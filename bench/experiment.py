@@ -100,7 +100,12 @@ def run(cmd: list[str], log: Path | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def build_shards(datasets: Path, shards: Path) -> None:
+# The experiment's shard build: t91's 78x78 image is below the minimum size.
+BUILD = ["--min-size", "96", "--split", "train=0.8,val=0.1,test=0.1"]
+
+
+def build_shards(datasets: Path, shards: Path, options: list[str] = BUILD) -> None:
+    """Shards of bsd200 + t91 under `shards` (kept if built), with `srtrain.data build` options."""
     if (shards / "manifest.json").is_file():
         print(f"shards: {shards} (exists)")
         return
@@ -109,8 +114,8 @@ def build_shards(datasets: Path, shards: Path) -> None:
             raise SystemExit(f"{datasets / name}: missing (see ../shared/datasets/README.md)")
     # [bt]* = bsd200 and t91, not set5/set14 (the evaluation sets).
     src = f"{datasets}/[bt]*/*.png"
-    cmd = [sys.executable, "-m", "srtrain.data", "build", src, str(shards), "--min-size", "96"]
-    run([*cmd, "--split", "train=0.8,val=0.1,test=0.1", "--no-progress"])
+    cmd = [sys.executable, "-m", "srtrain.data", "build", src, str(shards), *options]
+    run([*cmd, "--no-progress"])
 
 
 def random_vgg19(path: Path) -> None:
