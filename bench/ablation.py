@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default="/tmp/srtrain-ablation", help="shards, runs and reports")
     p.add_argument("--datasets", default=str(DATASETS), help="../shared/datasets")
     p.add_argument("--fresh", action="store_true", help="retrain rows that already finished")
-    p.add_argument("--out", help="results JSON (default bench/results/ablation-JOB-Nmin.json)")
+    p.add_argument("--out", help="results JSON (default bench/results/ablation-JOB-BUDGET.json)")
     return p.parse_args(argv)
 
 
