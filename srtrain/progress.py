@@ -15,6 +15,11 @@ from srtrain.config import Config
 # A diverged run is also caught at every checkpoint and epoch end, so it stops within an epoch.
 CHECK_LOSS_EVERY = 20
 
+# A model whose validation images have a mean standard deviation below this gives (nearly) one
+# value everywhere: typically every ReLU died after too large a step. Photos are far above it
+# (about 0.2 on [0, 1]); so is a freshly initialised U-Net.
+FLAT_OUTPUT = 1e-3
+
 
 class TrainingDiverged(RuntimeError):
     """The training loss became inf/NaN; the message is the one line a user sees."""
@@ -55,6 +60,7 @@ class LossMeter:
 
 
 def progress_line(row: dict, epochs: int) -> str:
+    """The epoch's line: loss, validation beside bicubic, lr, speed, and what went wrong."""
     line = (
         f"epoch {row['epoch']}/{epochs}  step {row['step']}  loss {row['train_loss']:.4f}  "
         f"val_psnr {row['val_psnr']:.2f} dB (bicubic {row['bicubic_psnr']:.2f})  "
@@ -66,6 +72,11 @@ def progress_line(row: dict, epochs: int) -> str:
             f"  input-bound: {row['input_wait']:.0%} of step time waiting for data"
             " (degradation.on=replica and data.decoded_cache=true on GPUs; more"
             " scaling.cpus_per_worker; or data.patches_per_image=2)"
+        )
+    if row.get("val_spread", 1.0) < FLAT_OUTPUT:
+        line += (
+            f"  flat output: the model gives every pixel about the same value (spread"
+            f" {row['val_spread']:.1e}; dead ReLUs?): lower train.lr and start again"
         )
     if "lr_reduced_to" in row:
         line += f"  (lr -> {row['lr_reduced_to']:.1e})"

@@ -71,12 +71,16 @@ def score(
 
 def make_eval_step(model, loss_fn, scale: int) -> Callable:
     """The train loop's validation step, a tf.function: (lr, hr) -> `score` of the model (as
-    "val") and bicubic, with the training loss."""
+    "val") and bicubic, with the training loss, and the model's "spread": the standard deviation
+    of each output image's values (near 0: the output no longer depends on the input)."""
 
     @tf.function
     def eval_step(lr, hr):
         outputs = upscale({"val": lambda x: model(x, training=False)}, lr, scale)
-        return score(outputs, hr, loss_fn=loss_fn)
+        scores = score(outputs, hr, loss_fn=loss_fn)
+        sr = tf.cast(outputs["val"], tf.float32)
+        scores["val"]["spread"] = tf.math.reduce_std(sr, axis=tf.range(1, tf.rank(sr)))
+        return scores
 
     return eval_step
 
@@ -113,8 +117,9 @@ class Totals:
         self.images = int(vector[-1])
 
 
-# The train loop's rows: val_loss, val_psnr, val_ssim, bicubic_loss, bicubic_psnr, bicubic_ssim.
-EVAL_LAYOUT = {"val": ("loss", "psnr", "ssim"), BICUBIC: ("loss", "psnr", "ssim")}
+# The train loop's rows: val_loss, val_psnr, val_ssim, val_spread, bicubic_loss, bicubic_psnr,
+# bicubic_ssim.
+EVAL_LAYOUT = {"val": ("loss", "psnr", "ssim", "spread"), BICUBIC: ("loss", "psnr", "ssim")}
 
 
 def validate(strategy, eval_step, val_ds, max_batches: int = 0) -> dict:

@@ -319,3 +319,24 @@ def test_progress_line_flags_input_bound_epochs():
     assert "data.patches_per_image=2" in line and "\n" not in line
     for option in ("degradation.on=replica", "data.decoded_cache", "scaling.cpus_per_worker"):
         assert option in line
+
+
+def test_progress_line_flags_a_model_with_a_flat_output():
+    from srtrain.train import _progress_line
+
+    row = {
+        "epoch": 3,
+        "step": 60,
+        "train_loss": 0.21,
+        "val_psnr": 11.0,
+        "bicubic_psnr": 23.0,
+        "val_ssim": 0.1,
+        "bicubic_ssim": 0.5,
+        "lr": 0.5,
+        "images_per_sec": 60.0,
+        "input_wait": 0.0,
+        "val_spread": 0.18,
+    }
+    assert "flat output" not in _progress_line(row, 5)
+    line = _progress_line({**row, "val_spread": 2e-5}, 5)
+    assert "flat output" in line and "lower train.lr" in line and "\n" not in line
