@@ -15,9 +15,9 @@ from srtrain.config import Config
 # A diverged run is also caught at every checkpoint and epoch end, so it stops within an epoch.
 CHECK_LOSS_EVERY = 20
 
-# A model whose validation images have a mean standard deviation below this gives (nearly) one
-# value everywhere: typically every ReLU died after too large a step. Photos are far above it
-# (about 0.2 on [0, 1]); so is a freshly initialised U-Net.
+# A model whose validation images have a mean standard deviation (over pixels, per channel)
+# below this paints (nearly) one colour whatever its input: typically every ReLU died after too
+# large a step. Photos are far above it (about 0.2 on [0, 1]); so is a freshly initialised U-Net.
 FLAT_OUTPUT = 1e-3
 
 
@@ -75,7 +75,7 @@ def progress_line(row: dict, epochs: int) -> str:
         )
     if row.get("val_spread", 1.0) < FLAT_OUTPUT:
         line += (
-            f"  flat output: the model gives every pixel about the same value (spread"
+            f"  flat output: the model paints one colour whatever the input (spread"
             f" {row['val_spread']:.1e}; dead ReLUs?): lower train.lr and start again"
         )
     if "lr_reduced_to" in row:

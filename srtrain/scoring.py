@@ -71,15 +71,16 @@ def score(
 
 def make_eval_step(model, loss_fn, scale: int) -> Callable:
     """The train loop's validation step, a tf.function: (lr, hr) -> `score` of the model (as
-    "val") and bicubic, with the training loss, and the model's "spread": the standard deviation
-    of each output image's values (near 0: the output no longer depends on the input)."""
+    "val") and bicubic, with the training loss, and the model's "spread": each output image's
+    standard deviation over its pixels, averaged over channels (near 0: one colour everywhere,
+    whatever the input)."""
 
     @tf.function
     def eval_step(lr, hr):
         outputs = upscale({"val": lambda x: model(x, training=False)}, lr, scale)
         scores = score(outputs, hr, loss_fn=loss_fn)
-        sr = tf.cast(outputs["val"], tf.float32)
-        scores["val"]["spread"] = tf.math.reduce_std(sr, axis=tf.range(1, tf.rank(sr)))
+        sr = tf.cast(outputs["val"], tf.float32)  # (B, H, W, C)
+        scores["val"]["spread"] = tf.reduce_mean(tf.math.reduce_std(sr, axis=[1, 2]), axis=-1)
         return scores
 
     return eval_step

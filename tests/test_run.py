@@ -30,6 +30,7 @@ def check_run_dir(run_dir: Path, epochs: int) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns
+    assert all(r["val_spread"] > 0.01 for r in rows)  # and its output follows its input
     result = json.loads((run_dir / "result.json").read_text())
     for key in (
         "val_psnr",
@@ -223,6 +224,25 @@ def test_a_diverging_run_stops_within_an_epoch_with_one_line(tmp_path, mode):
     states = list((tmp_path / "d").rglob("checkpoint_*/state.json"))
     assert states, sorted(str(x) for x in (tmp_path / "d").rglob("*"))
     assert all(json.loads(x.read_text())["step"] < bad_step for x in states)
+
+
+def test_a_run_whose_relus_all_died_says_so_each_epoch(tmp_path):
+    """lr 0.5 kills every ReLU of the Base U-Net in its first Adam step: the loss stays finite
+    and flat, the output one colour; each epoch's line says `flat output`, the run finishes."""
+    p = run_cli(
+        "--local",
+        *TINY,
+        *set_args("train.epochs=2", "train.lr=0.5", "train.warmup_steps=0"),
+        "--output",
+        str(tmp_path),
+        "--name",
+        "dead",
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    epochs = [line for line in p.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all("flat output" in line for line in epochs), p.stdout
+    rows = [json.loads(x) for x in (tmp_path / "dead" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_spread"] < 1e-3 for r in rows)
 
 
 def test_loss_meter_names_the_first_non_finite_step():

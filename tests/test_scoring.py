@@ -63,16 +63,19 @@ def test_validation_means_every_image_once_and_keeps_the_row_order():
     assert out["bicubic_psnr"] == pytest.approx(float(np.mean(bic_psnr.astype(np.float64))))
     first = scoring.validate(tf.distribute.get_strategy(), step, ds, max_batches=1)
     assert first["val_images"] == 2
-    expected = np.mean([np.std(tf.image.resize(x, (16, 16)).numpy()) for x in lr])
+    sr = tf.image.resize(lr, (16, 16)).numpy()
+    expected = np.mean(np.std(sr, axis=(1, 2)))
     assert out["val_spread"] == pytest.approx(expected, rel=1e-4) and expected > 0.05
 
 
 def test_validation_spread_finds_a_model_whose_output_ignores_its_input():
-    """A network whose ReLUs all died outputs sigmoid(bias) everywhere: its spread is 0."""
+    """A network whose ReLUs all died outputs sigmoid(bias) everywhere, one colour (often
+    saturated, each channel at 0 or 1, as lr 0.5 leaves the Base U-Net): its spread is 0."""
     lr, hr = _batch(n=3)
     ds = tf.data.Dataset.from_tensor_slices((["a", "b", "c"], lr, hr)).batch(2)
+    colour = tf.constant([1.0, 0.0, 1.0])
     dead = scoring.make_eval_step(
-        lambda x, training: tf.fill((tf.shape(x)[0], 16, 16, 3), 0.4), losses.mae, 2
+        lambda x, training: tf.ones((tf.shape(x)[0], 16, 16, 1)) * colour, losses.mae, 2
     )
     out = scoring.validate(tf.distribute.get_strategy(), dead, ds)
     assert out["val_spread"] < 1e-6 and out["val_images"] == 3
