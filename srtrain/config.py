@@ -182,8 +182,10 @@ class ModelConfig:
     batch_norm: bool | None = None
     residual: bool | None = None
     # Keras BatchNormalization momentum of the moving statistics validation uses (batch_norm
-    # only). 0.99, Keras' default, is the original recipe's; at a few thousand steps its moving
-    # statistics lag the weights and validation PSNR swings between epochs: 0.9 follows them.
+    # only). 0.99, Keras' default, is the original recipe's; its moving statistics lag weights
+    # that move fast: the original's validation PSNR swung between epochs, and with the quality
+    # recipe it stayed below bicubic for the first 3 of 6 epochs before catching up (1,200
+    # steps, bench/README.md). 0.9 follows them (jobs/quality-advanced.yaml).
     bn_momentum: float = option(0.99, _FRACTION)
     # BatchNorm statistics over all replicas (one batch of N x data.batch_size, and moving
     # statistics identical on every replica). Unset or true: on whenever training runs on
