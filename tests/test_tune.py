@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from srtrain.config import ConfigError, apply_overrides, load_config
+from srtrain.config import ConfigError, apply_overrides, load_config, read_yaml
 from tune import space
 from tune.search import concurrent_trials, load_search_job
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The default search (tune/space.py) shrunk to seconds: 4 trials of 3 steps on tiny patches, 2 at
-# a time, over a 3-key space.
+# The default search (tune/tune-samples.yaml) shrunk to seconds: 4 trials of 3 steps on tiny
+# patches, 2 at a time, over a 3-key space.
 TINY_JOB = apply_overrides(
-    space.DEFAULT_JOB,
+    read_yaml(space.DEFAULT_JOB_FILE),
     [
         "data.patch_size=32",
         "data.val_patch_size=64",
@@ -71,6 +71,8 @@ def write_job(path: Path, job: dict) -> Path:
 
 
 def test_the_embedded_default_is_jobs_tune_samples():
+    # One file: the package's, which jobs/ links to (a copy could drift apart from it).
+    assert (REPO / "jobs" / "tune-samples.yaml").resolve() == space.DEFAULT_JOB_FILE.resolve()
     assert load_search_job(None) == load_search_job(REPO / "jobs" / "tune-samples.yaml")
     _, s = load_search_job(None)
     assert s.num_samples >= 8 and s.space["loss.alpha"].args == (0.0,)  # runs without VGG weights

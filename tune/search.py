@@ -1,10 +1,10 @@
 """Hyperparameter search: `python -m tune.search [--config jobs/tune-X.yaml] [--num-samples N]
 [--resume] [--output DIR_OR_URI] [--name NAME] [--set k=v ...]`.
 
-With no arguments it runs the embedded default search (tune/space.py, the same job as
-jobs/tune-samples.yaml) on the bundled sample photos, on a local Ray runtime; under `ray job
-submit` (RAY_ADDRESS set) it joins that cluster. Ray Tune samples the `search.space`, ASHA stops
-weak trials after each epoch, and every trial is a Ray Train run of the training function
+With no arguments it runs the embedded default search (tune/tune-samples.yaml, which
+jobs/tune-samples.yaml links to) on the bundled sample photos, on a local Ray runtime; under
+`ray job submit` (RAY_ADDRESS set) it joins that cluster. Ray Tune samples the `search.space`,
+ASHA stops weak trials after each epoch, and every trial is a Ray Train run of the training function
 `python -m srtrain.run` uses (srtrain.run.build_trainer), with the job's scaling. The search
 directory `<run.storage>/<name>/` (local or s3://) holds Tune's state, one run directory per
 trial under runs/ (metrics.jsonl, checkpoints), and results.csv, summary.md, best.yaml and

@@ -29,7 +29,6 @@ Every problem raises `ConfigError` naming the key path (`search.space.train.lr: 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
@@ -72,48 +71,9 @@ KINDS = ("loguniform", "uniform", "randint", "choice")
 METRICS = ("val_psnr", "val_ssim", "val_loss")
 ALGORITHMS = ("optuna", "hyperopt", "random")
 
-# The search `python -m tune.search` runs with no --config; jobs/tune-samples.yaml is the same job
-# (tests/test_tune.py checks they agree). Sized to finish in about 12 minutes on 2 CPU cores:
-# small patches and filters, few steps per epoch, two one-worker trials at a time.
-DEFAULT_JOB: dict[str, Any] = {
-    "data": {
-        "source": "samples",
-        "patch_size": 64,
-        "val_patch_size": 128,
-        "batch_size": 8,
-        "channel_shuffle": True,  # else the trials learn the training photos' colour bias
-    },
-    "model": {"arch": "base", "filters": 16, "bn_momentum": 0.9},
-    "loss": {"kind": "mae"},
-    "train": {
-        "epochs": 10,
-        "steps_per_epoch": 120,
-        "lr": 3.0e-3,
-        "schedule": "cosine",
-        "warmup_steps": 100,
-        "min_lr": 1.0e-5,
-        "ema_decay": 0.99,
-        "early_stop_patience": 0,
-        "sample_images": 2,
-    },
-    "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-    "search": {
-        "metric": "val_psnr",
-        "mode": "max",
-        "algorithm": "optuna",
-        "seed": 2077,
-        "num_samples": 8,
-        "max_concurrent_trials": 0,
-        "scheduler": {"grace_period": 2, "reduction_factor": 2, "max_epochs": 0},
-        "space": {
-            "train.lr": {"loguniform": [1.0e-3, 1.0e-2]},
-            # MAE only here: VGG19 ImageNet weights cannot be downloaded on this machine.
-            "loss.alpha": {"choice": [0.0]},
-            **{f"model.{flag}": {"choice": [False, True]} for flag in ARCH_FLAGS},
-            "model.filters": {"choice": [16, 24, 32]},
-        },
-    },
-}
+# The search `python -m tune.search` runs with no --config: tune-samples.yaml beside this module
+# (package data; jobs/tune-samples.yaml links to it, so the two cannot drift apart).
+DEFAULT_JOB_FILE = Path(__file__).with_name("tune-samples.yaml")
 
 
 @dataclass(frozen=True)
@@ -192,7 +152,7 @@ def load_search_job(
     Returns the base training config (what every trial starts from) and the search settings.
     `--set search.space.train.lr='{loguniform: [1e-4, 1e-2]}'` replaces one distribution.
     """
-    data = read_yaml(path) if path else copy.deepcopy(DEFAULT_JOB)
+    data = read_yaml(path or DEFAULT_JOB_FILE)
     data = _apply_overrides(data, list(overrides))
     search = data.pop("search", None)
     if search is None:
