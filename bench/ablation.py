@@ -6,6 +6,8 @@
     python bench/ablation.py --job jobs/quality-advanced.yaml --only recipe bn-0.99
     python bench/ablation.py --minutes 10          # a wall-time budget instead of a step budget
     python bench/ablation.py --steps 100 --quick   # checks the harness; figures meaningless
+    python bench/ablation.py --set data.batch_size=16 --set train.steps_per_epoch=200 ...
+                                                   # every row on a variant of the job
 
 Every row is `jobs/quality-base.yaml` (or --job) run as its first line says, on shards of
 ../shared/datasets bsd200 + t91 built as that line builds them, with `--set` overrides and one
@@ -22,12 +24,16 @@ each beside bicubic upscaling of the same degraded input. Rows run one after ano
 once (2 cores). A row whose result.json and Set14 report exist under --work for the same budget
 is reused (--fresh retrains). Figures go to bench/results/ablation-JOB-Nmin[-quick].json; rows
 measured by an earlier command into the same file stay (each row holds the seeds it was last
-run with), so the table can be filled a few rows at a time.
+run with), so the table can be filled a few rows at a time. Rows compare only against rows of
+the same recipe: the file and the run folders carry a digest of the job's resolved config with
+the command's `--set`s (`config_digest`), and when the job has changed since a file was
+written, the figures go to ablation-JOB-BUDGET-DIGEST.json beside it instead of mixing in.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -40,7 +46,7 @@ from pathlib import Path
 from experiment import DATASETS, REPO, RESULTS, build_shards, run
 from train_throughput import machine
 
-from srtrain.config import load_config
+from srtrain.config import load_config, to_dict
 
 # name: (what it changes, --set overrides of the job)
 ROWS = {
@@ -76,7 +82,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", default=str(DATASETS), help="../shared/datasets")
     p.add_argument("--fresh", action="store_true", help="retrain rows that already finished")
     p.add_argument("--out", help="results JSON (default bench/results/ablation-JOB-BUDGET.json)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override of the job for every row (repeatable), before the row's own",
+    )
     return p.parse_args(argv)
+
+
+def config_digest(job: str, sets: list[str]) -> str:
+    """What the rows' recipe is: a digest of the job's resolved config with `sets` applied
+    (comments, key order and the command's other flags do not change it)."""
+    cfg = to_dict(load_config(REPO / job, sets))
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def build_options(job: str) -> list[str]:
@@ -88,13 +109,14 @@ def build_options(job: str) -> list[str]:
 
 def train_and_score(name: str, seed: int, args, shards: Path, runs: Path, reports: Path) -> dict:
     """One row at one seed: train (or reuse), evaluate on Set14 (or reuse), its figures."""
-    sets = ROWS[name][1] + [f"data.source={shards}", f"train.seed={seed}"]
+    sets = args.sets + ROWS[name][1] + [f"data.source={shards}", f"train.seed={seed}"]
     if args.quick:
         sets += ["train.steps_per_epoch=50", "train.warmup_steps=20"]
     if args.minutes:
         sets.append(f"train.time_limit_minutes={args.minutes}")
     else:
-        per_epoch = 50 if args.quick else load_config(REPO / args.job).train.steps_per_epoch
+        job = load_config(REPO / args.job, args.sets)
+        per_epoch = 50 if args.quick else job.train.steps_per_epoch
         if args.steps % per_epoch:
             raise SystemExit(f"--steps: a multiple of the job's {per_epoch} steps per epoch")
         sets += [f"train.epochs={args.steps // per_epoch}", "train.time_limit_minutes=0"]
@@ -194,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     shards = work / "shards"
     budget = f"{args.minutes:g}min" if args.minutes else f"{args.steps}steps"
     tag = f"{Path(args.job).stem}-{budget}" + ("-quick" if args.quick else "")
-    runs, reports = work / "runs" / tag, work / "reports" / tag
+    digest = config_digest(args.job, args.sets)
+    runs, reports = work / "runs" / f"{tag}-{digest}", work / "reports" / f"{tag}-{digest}"
     t0 = time.perf_counter()
     build_shards(Path(args.datasets), shards, build_options(args.job))
-    with_bn = bool(load_config(REPO / args.job).model.batch_norm)
+    with_bn = bool(load_config(REPO / args.job, args.sets).model.batch_norm)
     names = args.only or [n for n in ROWS if with_bn or n not in BATCH_NORM_ROWS]
     rows = {
         n: summary(
@@ -207,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = Path(args.out) if args.out else RESULTS / f"ablation-{tag}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
+    if old and old.get("config_digest") != digest:
+        first, path = path, path.with_name(f"{path.stem}-{digest}.json")
+        print(f"{first.name} holds rows of another recipe; these go to {path.name}")
+        old = json.loads(path.read_text()) if path.is_file() else {}
     argv = sys.argv[1:]  # --work's directory is this machine's, not part of the recipe
     argv = [("W" if i and argv[i - 1] == "--work" else a) for i, a in enumerate(argv)]
     command = " ".join(["python bench/ablation.py", *argv])
@@ -219,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "each run's checkpoint chosen on validation only",
         "machine": {**machine(), "loadavg_at_end": os.getloadavg()},
         "job": args.job,
+        "sets": args.sets,
+        "config_digest": digest,
         "budget": {"minutes": args.minutes} if args.minutes else {"steps": args.steps},
         "wall_seconds_last_command": round(time.perf_counter() - t0, 1),
         "rows": rows,
