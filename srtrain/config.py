@@ -143,7 +143,9 @@ class DataConfig:
     # stained-tissue images), which otherwise gives a short training run a colour cast of up to
     # 0.07 on natural photos (bench/README.md). On a varied set it costs: 0.15 dB on Set14 at
     # equal steps on BSD200 + T91 (bench/README.md, the ablation), so a tool for small sets.
-    channel_shuffle: bool = False
+    # Unset: on for `source: samples` (the embedded default's 2,000 steps: Set14 +1.33 dB over
+    # bicubic with it, +0.50 without; bench/README.md), off for shard sources.
+    channel_shuffle: bool | None = None
     # S3-compatible endpoint; empty: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL, else AWS itself.
     endpoint_url: str = ""
     region: str = ""
@@ -335,7 +337,7 @@ _ARCH_DEFAULTS = {"base": False, "advanced": True}
 
 def from_dict(data: Mapping[str, Any]) -> Config:
     """Builds and validates a Config from nested plain data (parsed YAML); each model flag left
-    unset takes its arch's default."""
+    unset takes its arch's default, data.channel_shuffle left unset its source's."""
     cfg = build(Config, data, "")
     flags = {
         k: _ARCH_DEFAULTS[cfg.model.arch]
@@ -344,6 +346,9 @@ def from_dict(data: Mapping[str, Any]) -> Config:
         for k in ARCH_FLAGS
     }
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **flags))
+    if cfg.data.channel_shuffle is None:
+        shuffle = cfg.data.source == "samples"
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, channel_shuffle=shuffle))
     validate(cfg, "", cfg)
     return cfg
 

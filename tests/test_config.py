@@ -60,6 +60,16 @@ def test_quality_options_default_to_the_original_recipe():
     assert cfg.model.bn_momentum == 0.99 and cfg.data.test_split == "test"
 
 
+def test_channel_shuffle_left_unset_is_on_for_the_samples_and_off_for_shards():
+    assert load_config().data.channel_shuffle is True
+    assert from_dict({"data": {"source": "shards/x"}}).data.channel_shuffle is False
+    assert load_config(REPO / "jobs" / "iaprtc12-base.yaml").data.channel_shuffle is False
+    assert load_config(REPO / "jobs" / "quality-base.yaml").data.channel_shuffle is False
+    assert load_config(None, ["data.channel_shuffle=false"]).data.channel_shuffle is False
+    on = from_dict({"data": {"source": "s3://b/p", "channel_shuffle": True}})
+    assert on.data.channel_shuffle is True
+
+
 def test_job_files_load(tmp_path):
     job = tmp_path / "j.yaml"
     job.write_text("# comment\ntrain:\n  epochs: 2\nmodel:\n  arch: advanced\n")
