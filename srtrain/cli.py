@@ -11,6 +11,7 @@ flag or name (ConfigError), 1 for storage and failed runs; tracebacks are for bu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -45,7 +46,13 @@ def parser(prog: str, doc: str, flags: dict[str, str | dict]) -> argparse.Argume
 
 def overrides(args: argparse.Namespace) -> list[str]:
     """The job's --set overrides, then --output as run.storage."""
-    return [*args.overrides, *([f"run.storage={args.output}"] if args.output else [])]
+    return [*args.overrides, *([as_string("run.storage", args.output)] if args.output else [])]
+
+
+def as_string(key: str, value: str) -> str:
+    """An override that keeps a flag's value a string: `--name 2024` or `--name true` names a
+    run rather than failing as an int or a bool (a JSON string is a YAML string)."""
+    return f"{key}={json.dumps(value)}"
 
 
 def absolute(uri: str) -> str:

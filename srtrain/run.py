@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = cli.overrides(args) + ([f"run.name={args.name}"] if args.name else [])
+    overrides = cli.overrides(args) + ([cli.as_string("run.name", args.name)] if args.name else [])
     cfg = load_config(args.config, overrides)
     # Ray workers run in their own working directory: a relative path must mean ours.
     return dataclasses.replace(

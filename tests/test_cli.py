@@ -31,8 +31,13 @@ def test_shared_flags_keep_their_meaning_with_each_commands_help():
     args = p.parse_args(["--set", "a.b=1", "--set", "c=2", "--output", "s3://b/p", "--resume"])
     assert args.overrides == ["a.b=1", "c=2"] and args.resume and not args.fast
     assert args.config is None and args.name is None
-    assert cli.overrides(args) == ["a.b=1", "c=2", "run.storage=s3://b/p"]
+    assert cli.overrides(args) == ["a.b=1", "c=2", 'run.storage="s3://b/p"']
     assert cli.overrides(p.parse_args([])) == []
+    # a flag's value stays a string, even where YAML would read a bool or a number
+    cfg = load_config(
+        None, [cli.as_string("run.name", "true"), cli.as_string("run.storage", "2024")]
+    )
+    assert cfg.run.name == "true" and cfg.run.storage == "2024"
     text = p.format_help()
     assert text.startswith("usage: python -m x.tool") and "Do x: `python -m x.tool`." in text
     assert "More." not in text and "KEY=VALUE  an override" in text

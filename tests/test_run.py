@@ -30,7 +30,9 @@ def check_run_dir(run_dir: Path, epochs: int) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns
-    assert all(r["val_spread"] > 0.01 for r in rows)  # and its output follows its input
+    # and its output follows its input: never flat, and clearly not by the end (20 steps of
+    # shuffled colours can leave the first epoch's spread near 0.005)
+    assert all(r["val_spread"] > 1e-3 for r in rows) and rows[-1]["val_spread"] > 0.01
     result = json.loads((run_dir / "result.json").read_text())
     for key in (
         "val_psnr",
