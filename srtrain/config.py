@@ -275,6 +275,8 @@ class TrainConfig:
     seed: int = 2077
     # "auto": bf16 where the hardware has fast bf16 (AMX CPUs, Ampere+ GPUs), else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # XLA-compile the train step: for GPUs. On CPU it is slower (0.25x images/s with bf16 on
+    # AMX, 0.55x fp32; bench/README.md).
     jit: bool = False
     # Also checkpoint every N steps inside an epoch (0: only at epoch ends).
     checkpoint_every_steps: int = option(0, at_least(0))
