@@ -5,21 +5,18 @@ import csv
 import json
 
 import yaml
+from untrained import save_checkpoint
 
-from srtrain import checkpoints, compare, models
+from srtrain import compare
 from srtrain.config import load_config, to_dict
-from srtrain.train import make_optimizer
 
 
 def fake_run(root, name, overrides):
     """A finished run directory as srtrain.run leaves it (untrained weights)."""
     cfg = load_config(None, ["model.filters=8", "data.val_patch_size=32", *overrides])
-    model = models.from_config(cfg.model, 2)
-    opt = make_optimizer(1e-3, "float32")
-    opt.build(model.trainable_variables)
     run = root / name
     ck = run / "checkpoints" / "checkpoint_00000010"
-    checkpoints.save(ck, cfg, model, opt, checkpoints.TrainState())
+    save_checkpoint(ck, cfg)
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     (run / "result.json").write_text(json.dumps({"checkpoint": str(ck), "best_epoch": 3}))
     (run / "metrics.jsonl").write_text("")

@@ -7,20 +7,16 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from untrained import save_checkpoint
 
-from srtrain import checkpoints, evaluate, models
+from srtrain import evaluate
 from srtrain.config import load_config
-from srtrain.train import make_optimizer
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = load_config(None, ["model.filters=8"])
-    model = models.from_config(cfg.model, 2)
-    opt = make_optimizer(1e-3, "float32")
-    opt.build(model.trainable_variables)
     path = tmp_path_factory.mktemp("run") / "myrun" / "checkpoints" / "checkpoint_00000005"
-    checkpoints.save(path, cfg, model, opt, checkpoints.TrainState())
+    save_checkpoint(path, load_config(None, ["model.filters=8"]))
     return str(path)
 
 

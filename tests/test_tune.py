@@ -340,16 +340,14 @@ def test_asha_rungs_survive_a_restored_search(tmp_path, resumable):
 
 
 def test_the_summary_reports_the_best_trials_test_score_beside_bicubic(tmp_path):
-    from srtrain import checkpoints, models
-    from srtrain.train import make_optimizer
+    from untrained import save_checkpoint
+
+    from srtrain import models
     from tune.report import TrialRow, ranked, summary_md, test_scores
 
     cfg, settings = load_search_job(None, ["data.val_patch_size=64"])
-    model = models.build_unet(filters=4)
-    opt = make_optimizer(1e-3, "float32")
-    opt.build(model.trainable_variables)
     ckpt = tmp_path / "ckpt"
-    checkpoints.save(ckpt, cfg, model, opt, checkpoints.TrainState())
+    save_checkpoint(ckpt, cfg, models.build_unet(filters=4))
     params = {
         "model.filters": 4,
         **{

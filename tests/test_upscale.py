@@ -4,22 +4,17 @@ grayscale in -> RGB out, unreadable files reported and skipped with a failing ex
 import numpy as np
 import pytest
 from PIL import Image
+from untrained import save_checkpoint
 
-from srtrain import checkpoints, models, upscale
+from srtrain import upscale
 from srtrain.config import load_config
-from srtrain.train import make_optimizer
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny untrained checkpoint (random weights are enough to test geometry and blending)."""
-    cfg = load_config(None, ["model.filters=8"])
-    model = models.from_config(cfg.model, 2)
-    opt = make_optimizer(1e-3, "float32")
-    opt.build(model.trainable_variables)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint_00000001"
-    checkpoints.save(path, cfg, model, opt, checkpoints.TrainState())
-    return str(path), model
+    return str(path), save_checkpoint(path, load_config(None, ["model.filters=8"]))
 
 
 def test_any_size_is_padded_and_cropped_back(ckpt):
