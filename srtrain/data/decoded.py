@@ -114,7 +114,13 @@ def decoded_cache(cfg: Config, index: int = 0, count: int = 1) -> DecodedCache |
             f"set data.decoded_cache=false or use more workers"
         )
         if option is True:
-            log.warning("%s; decoding patch windows instead (pipeline %d/%d)", text, index, count)
+            log.warning(
+                "%s; decoding patch windows instead (pipeline %d/%d; data.patches_per_image=2"
+                " halves the decodes)",
+                text,
+                index,
+                count,
+            )
             return None
         raise ConfigError(text)
     t0 = time.perf_counter()
