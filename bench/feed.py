@@ -545,7 +545,9 @@ def worker_shares(dest: Path, train_shards: int, batches: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 repeats x 10 batches (about 3 minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="3 repeats x 10 batches or 1 s each (about 2 minutes)"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
         "--batches",
