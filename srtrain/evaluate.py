@@ -1,7 +1,7 @@
 """Evaluate checkpoints against bicubic upscaling and the degraded input, on whole images.
 
     python -m srtrain.evaluate --checkpoint CKPT [CKPT ...] --data SRC --protocol seed|standard \\
-        --out DIR [--crop N] [--limit N]
+        --out DIR [--crop N] [--limit N] [--self-ensemble]
 
 SRC: `samples` (the bundled photos' test split; `samples:val` or `samples:train` for another), a
 folder of JPEG/PNG/BMP images, or a shard dataset with a split, `s3://bucket/iaprtc12:test` or
@@ -16,6 +16,8 @@ Protocols (srtrain.metrics.PROTOCOLS):
 Every HR is cropped to a multiple of the scale; the model runs on LR of any size (mirror-padded
 to a multiple of 4 and cropped back). Writes DIR/report.json, DIR/report.md (one row per model,
 then bicubic and the degraded input upscaled by nearest neighbour) and DIR/per_image.csv.
+`--self-ensemble` adds a row per model for its geometric self-ensemble: the mean of its outputs
+for the 8 flips and rotations of the input, each turned back (8x the compute of a pass).
 A bad checkpoint stops with one line and exit 1; unreadable images are reported, skipped, and
 make the exit code 1 while the report is still written.
 """
@@ -202,6 +204,10 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray | None:
     return img[top : top + size, left : left + size]
 
 
+def ensemble_name(name: str) -> str:
+    return f"{name}, x8 self-ensemble"
+
+
 def evaluate_image(
     entries: list[Entry],
     hr: np.ndarray,
@@ -210,14 +216,20 @@ def evaluate_image(
     protocol: str,
     degradation,
     tile: int = 0,
+    ensemble: bool = False,
 ) -> dict[str, tuple[float, float]]:
-    """{method: (psnr, ssim)} for one HR image: every model, bicubic and the nearest input
-    (srtrain.scoring on a batch of one)."""
+    """{method: (psnr, ssim)} for one HR image: every model (and with `ensemble` its geometric
+    self-ensemble too), bicubic and the nearest input (srtrain.scoring on a batch of one)."""
     from srtrain import scoring
 
     scale = degradation.scale
     lr = make_lr(hr, image_id, protocol, degradation)
     models = {e.name: lambda x, m=e.model: predict(m, x[0], scale, tile)[None] for e in entries}
+    if ensemble:
+        for e in entries:
+            models[ensemble_name(e.name)] = lambda x, m=e.model: predict(
+                m, x[0], scale, tile, ensemble=True
+            )[None]
     outputs = scoring.upscale(models, lr[None], scale, nearest=True)
     scores = scoring.score(outputs, hr[None], protocol=protocol, scale=scale)
     return {k: (float(v["psnr"][0]), float(v["ssim"][0])) for k, v in scores.items()}
@@ -231,6 +243,7 @@ def run(
     *,
     crop: int = 0,
     limit: int = 0,
+    ensemble: bool = False,
     endpoint_url: str = "",
     region: str = "",
     progress: bool = True,
@@ -275,20 +288,28 @@ def run(
             continue
         hr = metrics.modcrop(hr, scale)
         for method, (p, s) in evaluate_image(
-            entries, hr, image_id=image_id, protocol=protocol, degradation=degradation
+            entries,
+            hr,
+            image_id=image_id,
+            protocol=protocol,
+            degradation=degradation,
+            ensemble=ensemble,
         ).items():
             per_image.append({"image": image_id, "method": method, "psnr": p, "ssim": s})
     bar.close()
 
-    methods = [e.name for e in entries] + [BICUBIC, INPUT]
+    methods = [(e.name, e.checkpoint) for e in entries]
+    if ensemble:
+        methods += [(ensemble_name(e.name), e.checkpoint) for e in entries]
+    methods += [(BICUBIC, None), (INPUT, None)]
     rows = []
-    for m in methods:
+    for m, checkpoint in methods:
         vals = [r for r in per_image if r["method"] == m]
         finite = [r["psnr"] for r in vals if np.isfinite(r["psnr"])]
         rows.append(
             {
                 "method": m,
-                "checkpoint": next((e.checkpoint for e in entries if e.name == m), None),
+                "checkpoint": checkpoint,
                 "psnr": float(np.mean(finite)) if finite else None,
                 "ssim": float(np.mean([r["ssim"] for r in vals])) if vals else None,
                 "images": len(vals),
@@ -300,6 +321,7 @@ def run(
         "data": source.describe(),
         "scale": scale,
         "crop": crop or None,
+        "self_ensemble": ensemble,
         "degradation": vars(degradation) if protocol == "seed" else "bicubic x1/scale, 8-bit",
         "images": len({r["image"] for r in per_image}),
         "skipped": skipped,
@@ -352,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder for the reports")
     p.add_argument("--crop", type=int, default=0, help="HR center crop side (0: whole images)")
     p.add_argument("--limit", type=int, default=0, help="evaluate at most N images (0: all)")
+    p.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="also score each model's geometric self-ensemble (the mean over the 8 flips and "
+        "rotations of the input, 8x the compute), as a row of its own",
+    )
     p.add_argument("--endpoint-url", default="", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--region", default="")
     p.add_argument("--no-progress", action="store_true")
@@ -372,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out),
             crop=args.crop,
             limit=args.limit,
+            ensemble=args.self_ensemble,
             endpoint_url=args.endpoint_url,
             region=args.region,
             progress=not args.no_progress,

@@ -1,6 +1,7 @@
 """Upscale whole photos with a trained checkpoint.
 
-    python -m srtrain.upscale --checkpoint CKPT INPUT... --out DIR [--tile N] [--overlap M]
+    python -m srtrain.upscale --checkpoint CKPT INPUT... --out DIR [--tile N] [--overlap M] \\
+        [--self-ensemble]
 
 INPUT: JPEG/PNG/BMP files or folders of them; each becomes DIR/<name>.png at `scale` x the size
 (the scale is read from the checkpoint's config.yaml; 2 without one). Grayscale and RGBA inputs
@@ -10,8 +11,10 @@ N x N LR tiles (N a multiple of 4) overlapping by M pixels (rounded down to a mu
 every tile starts on the pooling grid), each tile keeping only its part up to the middle of each
 overlap, so memory stays bounded; with half an overlap at least the U-Net's reach (under 32 LR
 pixels; the default overlap is 64) the output equals the untiled one to float rounding
-(`--tile 0`: whole image at once). An unreadable file is reported and skipped; the exit code is 1
-if any file failed.
+(`--tile 0`: whole image at once). `--self-ensemble` writes the mean of the outputs for the 8
+flips and rotations of the input, each turned back: 8x the compute, usually a little sharper and
+less noisy (srtrain.evaluate --self-ensemble measures by how much). An unreadable file is
+reported and skipped; the exit code is 1 if any file failed.
 """
 
 from __future__ import annotations
@@ -100,9 +103,30 @@ def _seams(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return list(zip([spans[0][0], *cuts], [*cuts, spans[-1][1]], strict=True))
 
 
-def predict(model, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 64) -> np.ndarray:
+def dihedral(img: np.ndarray, k: int) -> np.ndarray:
+    """The k-th of the 8 flips and rotations of an (H, W, ...) image (0: itself)."""
+    return np.rot90(img[:, ::-1] if k >= 4 else img, k % 4)
+
+
+def undo_dihedral(img: np.ndarray, k: int) -> np.ndarray:
+    """The inverse of dihedral(., k)."""
+    out = np.rot90(img, -(k % 4))
+    return out[:, ::-1] if k >= 4 else out
+
+
+def predict(
+    model, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 64, ensemble: bool = False
+) -> np.ndarray:
     """(h, w, 3) LR in [0, 1] -> (scale*h, scale*w, 3) output, in tiles of tile x tile LR pixels
-    overlapping by `overlap` (tile 0: the whole image in one pass)."""
+    overlapping by `overlap` (tile 0: the whole image in one pass). `ensemble`: the mean of the
+    outputs for the 8 flips and rotations of the input, each turned back (geometric
+    self-ensemble; 8x the compute)."""
+    if ensemble:
+        outs = [
+            undo_dihedral(predict(model, dihedral(lr, k), scale, tile, overlap), k)
+            for k in range(8)
+        ]
+        return np.mean(outs, axis=0, dtype=np.float32)
     h, w = lr.shape[:2]
     if tile <= 0:
         return _run(model, lr, scale)
@@ -190,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         default=64,
         help="tile overlap in LR pixels, rounded down to a multiple of 4 (default 64)",
     )
+    p.add_argument(
+        "--self-ensemble",
+        action="store_true",
+        help="average the outputs for the 8 flips and rotations of the input (8x the compute)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if (
@@ -219,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"{PROG}: error: {e} (skipped)", file=sys.stderr)
             failed += 1
             continue
-        sr = predict(model, lr, scale, args.tile, args.overlap)
+        sr = predict(model, lr, scale, args.tile, args.overlap, ensemble=args.self_ensemble)
         write_png(Path(args.out) / _out_name(path, used), sr)
     done = len(files) - (failed - len(errors))
     print(f"{done} image(s) written to {args.out}" + (f", {failed} failed" if failed else ""))

@@ -65,6 +65,19 @@ def test_reports_put_model_bicubic_and_input_side_by_side(ckpt, folder, tmp_path
     assert len(per_image) == 3 * 4 and {r["image"] for r in per_image} == {"img0", "img1", "gray"}
 
 
+def test_self_ensemble_adds_a_row_per_model(ckpt, folder, tmp_path):
+    args = ["--checkpoint", ckpt, "--data", str(folder), "--protocol", "seed"]
+    evaluate.main([*args, "--out", str(tmp_path), "--self-ensemble", "--no-progress"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    methods = [r["method"] for r in report["rows"]]
+    assert report["self_ensemble"] is True and len(methods) == 4
+    assert methods[1] == f"{methods[0]}, x8 self-ensemble"
+    assert methods[2:] == ["bicubic", "input (nearest)"]
+    rows = report["rows"]
+    assert rows[1]["checkpoint"] == ckpt and rows[1]["images"] == 3
+    assert rows[0]["psnr"] != rows[1]["psnr"]
+
+
 def test_standard_protocol_bicubic_row_is_the_metric_of_bicubic(ckpt, folder, tmp_path):
     from srtrain import metrics
     from srtrain.upscale import read_image

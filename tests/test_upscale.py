@@ -44,6 +44,51 @@ def test_many_tiles_equal_untiled_within_1e3(ckpt):
     assert np.abs(whole - tiled).max() < 1e-3
 
 
+def test_dihedral_transforms_are_the_eight_and_undo_exactly():
+    img = np.arange(3 * 5 * 2).reshape(3, 5, 2)
+    seen = {
+        upscale.dihedral(img, k).tobytes() + bytes(upscale.dihedral(img, k).shape) for k in range(8)
+    }
+    assert len(seen) == 8
+    for k in range(8):
+        np.testing.assert_array_equal(upscale.undo_dihedral(upscale.dihedral(img, k), k), img)
+
+
+def test_self_ensemble_averages_the_eight_turned_back_outputs():
+    rng = np.random.default_rng(3)
+    lr = rng.random((21, 30, 3), np.float32)
+    ramp = np.linspace(0, 1, 400, dtype=np.float32)
+
+    def nearest(x, training=False):  # equivariant: the ensemble changes nothing
+        return np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+
+    def skewed(x, training=False):  # adds a ramp along the width: not equivariant
+        up = nearest(x)
+        return up + ramp[: up.shape[2]][None, None, :, None]
+
+    plain = upscale.predict(nearest, lr, 2)
+    np.testing.assert_allclose(upscale.predict(nearest, lr, 2, ensemble=True), plain, atol=1e-6)
+    by_hand = np.mean(
+        [
+            upscale.undo_dihedral(upscale.predict(skewed, upscale.dihedral(lr, k), 2), k)
+            for k in range(8)
+        ],
+        axis=0,
+    )
+    got = upscale.predict(skewed, lr, 2, ensemble=True)
+    np.testing.assert_allclose(got, by_hand, atol=1e-6)
+    # Half of the turns put the ramp along the height: the output is no longer the skewed one.
+    assert np.abs(got - upscale.predict(skewed, lr, 2)).max() > 0.05
+
+
+def test_self_ensemble_of_a_model_matches_within_float_rounding_under_tiles(ckpt):
+    _, model = ckpt
+    lr = np.random.default_rng(4).random((50, 61, 3), np.float32)
+    whole = upscale.predict(model, lr, 2, ensemble=True)
+    one_tile = upscale.predict(model, lr, 2, tile=64, overlap=16, ensemble=True)
+    assert whole.shape == (100, 122, 3) and np.abs(whole - one_tile).max() < 1e-3
+
+
 def test_tiles_start_on_the_pooling_grid_and_cover_the_image():
     for size, tile, step in ((150, 64, 32), (171, 64, 32), (100, 32, 16), (61, 64, 48)):
         spans = upscale._spans(size, tile, step)
@@ -91,6 +136,11 @@ def test_cli_photo_grayscale_and_bad_file(ckpt, tmp_path, capsys):
         )
         == 0
     )
+    ens = tmp_path / "ens"
+    args = ["--checkpoint", path, str(src / "photo.jpg"), "--out", str(ens), "--self-ensemble"]
+    assert upscale.main([*args, "--no-progress"]) == 0
+    one, eight = (np.asarray(Image.open(d / "photo.png"), np.int16) for d in (out, ens))
+    assert one.shape == eight.shape and np.abs(one - eight).max() > 0
 
 
 def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
