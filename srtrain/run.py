@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter off the console
-
 from srtrain import cli, storage
 from srtrain.config import Config, ConfigError, load_config, to_dict, to_yaml
 

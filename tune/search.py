@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One line per trial event instead of Tune's periodic status tables.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 
