@@ -202,6 +202,64 @@ def test_rebuild_gives_identical_shards(built, source, tmp_path):
         assert (tmp_path / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+def test_train_scales_copy_train_photos_only_and_keep_the_splits(built, source, tmp_path):
+    dest, plain = built
+    m = builder.build(
+        str(source), str(tmp_path), shard_size=256 * 1024, workers=2, progress=False,
+        train_scales=(0.8, 0.5), min_size=plain["min_size"],
+    )  # fmt: skip
+
+    def by_split(root: Path, manifest: dict) -> dict[str, dict[str, dict]]:
+        cols = ("id", "height", "width", "format", "image")
+        return {
+            split: {
+                r[0]: dict(zip(cols, r, strict=True))
+                for sh in s["shards"]
+                for r in shards.read_shard(str(root / sh["name"]), columns=cols)
+            }
+            for split, s in manifest["splits"].items()
+        }
+
+    rows, before = by_split(tmp_path, m), by_split(dest, plain)
+    # Validation and test are what they were; train gains copies of its own photos only.
+    for split in ("val", "test"):
+        assert rows[split].keys() == before[split].keys()
+    copies = {i: r for i, r in rows["train"].items() if "@" in i}
+    assert rows["train"].keys() - copies.keys() == before["train"].keys()
+    assert m["train_scales"] == [0.8, 0.5] and m["train_copies"] == len(copies) > 0
+    from PIL import Image
+
+    for copy_id, r in copies.items():
+        photo_id, factor = copy_id.rsplit("@", 1)
+        photo = before["train"][photo_id]
+        f = float(factor.rstrip("x"))
+        assert (r["width"], r["height"]) == (round(photo["width"] * f), round(photo["height"] * f))
+        assert min(r["width"], r["height"]) >= m["min_size"] and r["format"] == "png"
+        with Image.open(io.BytesIO(r["image"])) as im:
+            assert im.size == (r["width"], r["height"])
+    # Every train photo has a copy at each factor that keeps both its sides >= min_size.
+    expected = {
+        f"{i}@{f:g}x"
+        for i, r in before["train"].items()
+        for f in (0.8, 0.5)
+        if min(round(r["width"] * f), round(r["height"] * f)) >= m["min_size"]
+    }
+    assert copies.keys() == expected
+    assert any(i.endswith("@0.5x") for i in expected) and len(expected) < 2 * len(before["train"])
+    assert "downscaled copies" in manifest.describe(m, str(tmp_path))
+
+
+def test_train_scales_errors_are_one_line(source, tmp_path):
+    with pytest.raises(builder.BuildError, match="between 0 and 1"):
+        builder.build(str(source), str(tmp_path), progress=False, train_scales=(1.5,))
+    with pytest.raises(builder.BuildError, match="has none"):
+        builder.build(
+            str(source), str(tmp_path), progress=False, train_scales=(0.5,), split={"a": 1.0}
+        )
+    with pytest.raises(builder.BuildError, match="expected factors"):
+        builder.parse_scales("0.8,big")
+
+
 def test_glob_source(source, tmp_path):
     m = builder.build(str(source / "synth" / "*.jpg"), str(tmp_path), progress=False, workers=1)
     assert m["images"] == 2 and not m["skipped"]

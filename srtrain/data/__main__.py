@@ -2,6 +2,7 @@
 
     python -m srtrain.data build SRC DEST [--split train=0.68,val=0.17,test=0.15] [--seed 2077]
                                           [--shard-size 128MB] [--min-size 256] [--workers N]
+                                          [--train-scales 0.8,0.6]
     python -m srtrain.data inspect DEST
     python -m srtrain.data verify DEST
 
@@ -41,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         help="skip images whose shorter side is below this (default 256)",
     )
     b.add_argument("--workers", type=int, default=0, help="checker processes (default: cores)")
+    b.add_argument(
+        "--train-scales",
+        default="",
+        metavar="F,F",
+        help="also store each train photo downscaled by these factors in (0, 1), e.g. 0.8,0.6 "
+        "(scale augmentation; val and test photos are never copied)",
+    )
     b.add_argument("--no-progress", action="store_true")
     for name, help_text in (
         ("inspect", "counts, shard sizes, skipped files"),
@@ -63,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 shard_size=builder.parse_size(args.shard_size),
                 min_size=args.min_size,
                 workers=args.workers,
+                train_scales=builder.parse_scales(args.train_scales),
                 endpoint_url=args.endpoint_url,
                 region=args.region,
                 progress=not args.no_progress,

@@ -9,6 +9,11 @@ fully with Pillow, in parallel processes; training never imports this module.
 The split of an image is a hash of its id (and the build seed), so adding photos never moves
 existing ones between splits. Bad files never abort a build: they are skipped, counted and listed
 with the reason in the manifest.
+
+`train_scales` (scale augmentation, off by default): every photo of the `train` split is also
+stored downscaled by each factor (Lanczos, PNG), with the id `<id>@<factor>x`, while its
+sides stay at least `min_size`. A copy always goes to the train split with its photo, so no
+validation or test photo is ever seen in training at another scale.
 """
 
 from __future__ import annotations
@@ -101,6 +106,14 @@ def parse_size(text: str) -> int:
         raise BuildError(f"--shard-size {text!r}: expected a size like 128MB or 64MiB")
     unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()]
     return max(1, int(float(m.group(1)) * unit))
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """'0.8,0.6' -> (0.8, 0.6); '' -> ()."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BuildError(f"--train-scales {text!r}: expected factors like 0.8,0.6") from None
 
 
 def image_id(relpath: str) -> str:
@@ -224,8 +237,30 @@ def check_image(relpath: str, data: bytes | str | Exception, min_size: int) -> C
     return out
 
 
-def _check_task(args: tuple) -> Checked:
-    return check_image(*args)
+def scaled_copies(c: Checked, scales: tuple[float, ...], min_size: int) -> list[Checked]:
+    """The downscaled copies of a checked image (Lanczos, PNG) whose sides stay >= min_size."""
+    from PIL import Image
+
+    out = []
+    with Image.open(io.BytesIO(c.data)) as im:
+        rgb = im.convert("RGB")
+    for s in scales:
+        w, h = round(c.width * s), round(c.height * s)
+        if min(w, h) < min_size:
+            continue
+        buf = io.BytesIO()
+        rgb.resize((w, h), Image.LANCZOS).save(buf, format="PNG")
+        out.append(Checked(c.relpath, f"{c.id}@{s:g}x", buf.getvalue(), h, w, "png"))
+    return out
+
+
+def _check_task(args: tuple) -> tuple[Checked, list[Checked]]:
+    """(the checked image, its scaled copies when it belongs to the train split)."""
+    relpath, data, min_size, scales, split, seed = args
+    c = check_image(relpath, data, min_size)
+    if c.reason or not scales or split_of(c.id, split, seed) != "train":
+        return c, []
+    return c, scaled_copies(c, scales, min_size)
 
 
 # --- building -----------------------------------------------------------------------------------
@@ -297,6 +332,7 @@ def build(
     shard_size: int = 128 * 2**20,
     min_size: int = 256,
     workers: int = 0,
+    train_scales: tuple[float, ...] = (),
     endpoint_url: str = "",
     region: str = "",
     progress: bool = True,
@@ -306,22 +342,31 @@ def build(
 
     split = split or dict(DEFAULT_SPLIT)
     src = str(src)
+    train_scales = tuple(train_scales)
+    if train_scales and "train" not in split:
+        raise BuildError("--train-scales: the copies go to the train split, and --split has none")
+    if any(not 0 < s < 1 for s in train_scales):
+        factors = ",".join(f"{s:g}" for s in train_scales)
+        raise BuildError(f"--train-scales {factors}: factors must be between 0 and 1 (exclusive)")
     if storage.is_s3(dest):
         storage.check_writable(dest, endpoint_url, region)
     workers = workers or len(os.sched_getaffinity(0))
     writers = {s: _SplitWriter(dest, s, shard_size, seed, endpoint_url, region) for s in split}
     skipped: list[dict] = []
+    copies = 0
     seen_ids: set[str] = set()
     if is_archive(src):
         if not Path(src).is_file():
             raise BuildError(f"{src}: no such archive")
-        tasks: Iterator[tuple] = ((name, data, min_size) for name, data in iter_archive(src))
+        tasks: Iterator[tuple] = (
+            (name, data, min_size, train_scales, split, seed) for name, data in iter_archive(src)
+        )
         total = None
     else:
         files = list_files(src, seed)
         if not files:
             raise BuildError(f"{src}: no JPEG, PNG or BMP files found")
-        tasks = ((rel, path, min_size) for rel, path in files)
+        tasks = ((rel, path, min_size, train_scales, split, seed) for rel, path in files)
         total = len(files)
     # fork: checkers only run Pillow, and spawned ones would each import TensorFlow (seconds).
     ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
@@ -332,7 +377,7 @@ def build(
             checked = (
                 pool.imap(_check_task, block, chunksize=4) if pool else map(_check_task, block)
             )
-            for c in checked:
+            for c, scaled in checked:
                 bar.update()
                 if not c.reason and c.id in seen_ids:
                     c.reason = f"duplicate id {c.id!r} (same name, another extension)"
@@ -341,6 +386,9 @@ def build(
                     continue
                 seen_ids.add(c.id)
                 writers[split_of(c.id, split, seed)].add(c)
+                for copy in scaled:  # the photo's split: train
+                    writers["train"].add(copy)
+                copies += len(scaled)
     if pool:
         pool.close()
         pool.join()
@@ -353,6 +401,7 @@ def build(
         "split": split,
         "min_size": min_size,
         "shard_size": shard_size,
+        **({"train_scales": list(train_scales), "train_copies": copies} if train_scales else {}),
         "images": sum(sum(s["images"] for s in w.shards) for w in writers.values()),
         "splits": {
             name: {

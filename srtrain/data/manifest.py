@@ -51,6 +51,12 @@ def describe(manifest: dict, uri: str) -> str:
         f"{uri}: {manifest['images']} images from {manifest['source']} "
         f"(seed {manifest['seed']}, min side {manifest['min_size']})"
     ]
+    if manifest.get("train_scales"):
+        factors = ", ".join(f"{s:g}" for s in manifest["train_scales"])
+        lines.append(
+            f"  train holds {manifest['train_copies']} downscaled copies of its photos "
+            f"(x {factors})"
+        )
     for name, s in manifest["splits"].items():
         sizes = [sh["bytes"] for sh in s["shards"]]
         size_text = f"{_mb(min(sizes))}..{_mb(max(sizes))} each" if sizes else "no shards"
