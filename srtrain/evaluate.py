@@ -224,12 +224,13 @@ def evaluate_image(
 
     scale = degradation.scale
     lr = make_lr(hr, image_id, protocol, degradation)
-    models = {e.name: lambda x, m=e.model: predict(m, x[0], scale, tile)[None] for e in entries}
-    if ensemble:
+    sr = {e.name: predict(e.model, lr, scale, tile) for e in entries}
+    if ensemble:  # the plain pass above is the first of the 8
         for e in entries:
-            models[ensemble_name(e.name)] = lambda x, m=e.model: predict(
-                m, x[0], scale, tile, ensemble=True
-            )[None]
+            sr[ensemble_name(e.name)] = predict(
+                e.model, lr, scale, tile, ensemble=True, single=sr[e.name]
+            )
+    models = {name: lambda _, y=y: y[None] for name, y in sr.items()}
     outputs = scoring.upscale(models, lr[None], scale, nearest=True)
     scores = scoring.score(outputs, hr[None], protocol=protocol, scale=scale)
     return {k: (float(v["psnr"][0]), float(v["ssim"][0])) for k, v in scores.items()}

@@ -116,15 +116,25 @@ def undo_dihedral(img: np.ndarray, k: int) -> np.ndarray:
 
 
 def predict(
-    model, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 64, ensemble: bool = False
+    model,
+    lr: np.ndarray,
+    scale: int,
+    tile: int = 0,
+    overlap: int = 64,
+    ensemble: bool = False,
+    single: np.ndarray | None = None,
 ) -> np.ndarray:
     """(h, w, 3) LR in [0, 1] -> (scale*h, scale*w, 3) output, in tiles of tile x tile LR pixels
     overlapping by `overlap` (tile 0: the whole image in one pass). `ensemble`: the mean of the
     outputs for the 8 flips and rotations of the input, each turned back (geometric
-    self-ensemble; 8x the compute)."""
+    self-ensemble; 8x the compute); `single`, the plain pass's output if the caller has it
+    already, stands in for the first of the 8."""
     if ensemble:  # a running sum: one output in memory besides the total, as tiling intends
         total = np.zeros((lr.shape[0] * scale, lr.shape[1] * scale, 3), np.float32)
         for k in range(8):
+            if k == 0 and single is not None:
+                total += single
+                continue
             total += undo_dihedral(predict(model, dihedral(lr, k), scale, tile, overlap), k)
         return total / 8
     h, w = lr.shape[:2]
