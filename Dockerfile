@@ -43,3 +43,6 @@ RUN python -m pip install --no-cache-dir -c constraints.txt ".${EXTRAS:+[${EXTRA
 COPY --chown=1000:100 jobs ./jobs
 
 ENV PYTHONUNBUFFERED=1
+# oneDNN's CPU kernels on every CPU, AVX2-only ones included: a Ray worker may load TensorFlow
+# before it imports srtrain, which sets the same default (srtrain/__init__.py).
+ENV TF_ENABLE_ONEDNN_OPTS=1

@@ -2,17 +2,32 @@
 
     python bench/step_time.py              # Base, 64 filters, batch 16, HR patches 128 and 96
     python bench/step_time.py --arch advanced --patches 128
+    python bench/step_time.py --onednn --batch 8 --patches 128   # bench/results/onednn.json
 
-Random tensors, Adam, MAE, one `tf.function` step; 2 warm-up steps, then `--steps` timed ones.
-Each patch size's figure stands beside the first one's (the ratio), measured in the same run.
-Writes bench/results/step_time.json.
+Random tensors, Adam, MAE, fp32, one `tf.function` step; 2 warm-up steps, then `--steps` timed
+ones. Each patch size's figure stands beside the first one's (the ratio), measured in the same
+run. Writes bench/results/step_time.json.
+
+--onednn: the same step for Base and Advanced under TensorFlow's two CPU kernel libraries, each
+variant a fresh process (the choice is read once, when TensorFlow loads), all variants in turn
+per repeat, medians over `--repeats`, each beside `eigen`'s (the ratio):
+  eigen        TF_ENABLE_ONEDNN_OPTS=0: TensorFlow's own (Eigen) kernels, its default on Linux
+               CPUs without AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX (AVX2-only CPUs)
+  onednn-avx2  TF_ENABLE_ONEDNN_OPTS=1 with ONEDNN_MAX_CPU_ISA=AVX2: oneDNN held to AVX2, what an
+               AVX2-only CPU runs when srtrain turns oneDNN on there
+  onednn       TF_ENABLE_ONEDNN_OPTS=1: oneDNN with everything this CPU has
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +36,12 @@ import tensorflow as tf
 
 from srtrain import models
 from srtrain.config import ARCH_FLAGS
+
+VARIANTS = {
+    "eigen": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "onednn-avx2": {"TF_ENABLE_ONEDNN_OPTS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "onednn": {"TF_ENABLE_ONEDNN_OPTS": "1"},
+}
 
 
 def step_seconds(arch: str, filters: int, patch: int, batch: int, steps: int) -> float:
@@ -46,6 +67,64 @@ def step_seconds(arch: str, filters: int, patch: int, batch: int, steps: int) ->
     return (time.perf_counter() - t0) / steps
 
 
+def onednn_enabled() -> bool:
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def cpu() -> dict:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
+    cores = len(os.sched_getaffinity(0))
+    return {"model": model, "cores": cores, "flags": [f for f in isa if f in flags]}
+
+
+def compare_onednn(a: argparse.Namespace) -> dict:
+    """Each arch under each of VARIANTS, a fresh process apiece, variants in turn per repeat."""
+    patch = a.patches.split(",")[0]
+    seconds = {arch: {v: [] for v in VARIANTS} for arch in a.archs}
+    onednn: dict[str, bool] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "step.json"
+        for r in range(a.repeats):
+            for arch in a.archs:
+                for name, extra in VARIANTS.items():
+                    cmd = [sys.executable, __file__, "--arch", arch, "--filters", str(a.filters),
+                           "--batch", str(a.batch), "--patches", patch, "--steps", str(a.steps),
+                           "--out", str(out)]  # fmt: skip
+                    env = {**os.environ, **extra}
+                    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                    got = json.loads(out.read_text())
+                    seconds[arch][name].append(got["rows"][0]["seconds_per_step"])
+                    onednn[name] = got["onednn"]
+                    took = f"{seconds[arch][name][-1]:.3f} s/step"
+                    print(f"repeat {r + 1}/{a.repeats} {arch} {name}: {took}", flush=True)
+    rows = {}
+    for arch, by_variant in seconds.items():
+        ref = statistics.median(by_variant["eigen"])
+        rows[arch] = {}
+        for name, runs in by_variant.items():
+            s = statistics.median(runs)
+            rows[arch][name] = {
+                "seconds_per_step": round(s, 4),
+                "images_per_sec": round(a.batch / s, 2),
+                "vs_eigen": round(ref / s, 3),
+                "runs": [round(x, 4) for x in runs],
+            }
+    return {"variants": {k: {"env": v, "onednn_enabled": onednn[k]} for k, v in VARIANTS.items()},
+            "archs": rows}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=["base", "advanced"], default="base")
@@ -53,19 +132,33 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--patches", default="128,96", help="HR patch sizes, comma-separated")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_time.json"))
+    p.add_argument("--onednn", action="store_true", help="compare TensorFlow's CPU kernels")
+    p.add_argument("--repeats", type=int, default=3, help="with --onednn")
+    p.add_argument("--out", help="default bench/results/step_time.json (onednn.json with --onednn)")
     a = p.parse_args()
-    rows = []
-    for patch in (int(x) for x in a.patches.split(",")):
-        s = step_seconds(a.arch, a.filters, patch, a.batch, a.steps)
-        rows.append({"patch": patch, "seconds_per_step": s, "images_per_sec": a.batch / s})
-        rows[-1]["vs_first"] = rows[0]["seconds_per_step"] / s
-        print(f"{a.arch} {a.filters} filters, patch {patch} x batch {a.batch}: {s:.3f} s/step, "
-              f"{a.batch / s:.1f} images/s ({rows[-1]['vs_first']:.2f}x patch {rows[0]['patch']})",
-              flush=True)  # fmt: skip
-    out = {"cpu": platform.processor() or platform.machine(), "args": vars(a), "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    results = Path(__file__).parent / "results"
+    if a.onednn:
+        a.archs = ["base", "advanced"]
+        out = {"cpu": cpu(), "tensorflow": tf.__version__, "batch": a.batch,
+               "patch": int(a.patches.split(",")[0]), "steps": a.steps, "repeats": a.repeats,
+               **compare_onednn(a)}  # fmt: skip
+        for arch, by in out["archs"].items():
+            got = (f"{k} {v['images_per_sec']} img/s ({v['vs_eigen']}x)" for k, v in by.items())
+            print(f"{arch}: " + ", ".join(got))
+        path = Path(a.out or results / "onednn.json")
+    else:
+        rows = []
+        for patch in (int(x) for x in a.patches.split(",")):
+            s = step_seconds(a.arch, a.filters, patch, a.batch, a.steps)
+            rows.append({"patch": patch, "seconds_per_step": s, "images_per_sec": a.batch / s})
+            rows[-1]["vs_first"] = rows[0]["seconds_per_step"] / s
+            vs = f"{rows[-1]['vs_first']:.2f}x patch {rows[0]['patch']}"
+            print(f"{a.arch} {a.filters} filters, patch {patch} x batch {a.batch}: {s:.3f} s/step, "
+                  f"{a.batch / s:.1f} images/s ({vs})", flush=True)  # fmt: skip
+        out = {"cpu": cpu()["model"], "onednn": onednn_enabled(), "args": vars(a), "rows": rows}
+        path = Path(a.out or results / "step_time.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

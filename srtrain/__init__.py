@@ -2,6 +2,12 @@
 
 import os
 
+# Both are read when TensorFlow loads, so they are set here, before any srtrain module imports it;
+# a value the user set wins.
 # TensorFlow's C++ start-up chatter (CPU instruction sets, ...) stays off every entry point's
-# console unless the user asks for it; it is read when TensorFlow loads, so it is set here.
+# console unless the user asks for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# oneDNN's CPU kernels: TensorFlow turns them on by default on Linux only where the CPU has
+# AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX, but on AVX2-only CPUs they train the U-Nets faster
+# than TensorFlow's own Eigen kernels too (bench/README.md, "CPU kernels").
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

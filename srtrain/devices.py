@@ -41,6 +41,14 @@ def pick_strategy() -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def cpu_kernels() -> str:
+    """The library TensorFlow's CPU ops run on in this process: "oneDNN" (TF_ENABLE_ONEDNN_OPTS,
+    which srtrain turns on unless the user set it) or "Eigen"."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
+
+
 def _cpu_has_fast_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from srtrain import checkpoints, data, losses, models, schedule, scoring, storage, tensorboard
 from srtrain.config import Config
-from srtrain.devices import dtype_policy, pick_strategy, split_cpu, sum_over_workers
+from srtrain.devices import cpu_kernels, dtype_policy, pick_strategy, split_cpu, sum_over_workers
 from srtrain.ema import WeightEMA
 from srtrain.progress import CHECK_LOSS_EVERY, LossMeter, MetricsLog, TrainingDiverged
 from srtrain.progress import progress_line as _progress_line
@@ -165,7 +165,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
     if ctx.chief:
         ctx.log_fn(
             f"training {model.name}: {model.count_params():,} params, {replicas} replica(s) x "
-            f"batch {cfg.data.batch_size} = global batch {global_batch}, {policy}, lr {base_lr:g}"
+            f"batch {cfg.data.batch_size} = global batch {global_batch}, {policy}"
+            + ("" if tf.config.list_logical_devices("GPU") else f" on CPU ({cpu_kernels()})")
+            + f", lr {base_lr:g}"
             f" ({cfg.train.schedule}"
             + (f", {cfg.train.warmup_steps} warmup steps" if cfg.train.warmup_steps else "")
             + (f", EMA {cfg.train.ema_decay:g}" if ema else "")

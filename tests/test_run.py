@@ -284,6 +284,8 @@ def test_ray_mode_one_worker_default_output(tmp_path):
     # one progress line per epoch, not drowned in Ray Train's per-report INFO lines
     out = p.stdout + p.stderr
     assert out.count("epoch 3/3") == 1 and "Reporting training result" not in out
+    # the Ray worker trains on oneDNN's CPU kernels (srtrain's default, even on AVX2-only CPUs)
+    assert "float32 on CPU (oneDNN)" in out
 
 
 def test_misspelled_key_exits_2_naming_it(tmp_path):
