@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 import tarfile
 import time
 from importlib import resources
@@ -263,6 +265,25 @@ def test_train_scales_errors_are_one_line(source, tmp_path):
 def test_glob_source(source, tmp_path):
     m = builder.build(str(source / "synth" / "*.jpg"), str(tmp_path), progress=False, workers=1)
     assert m["images"] == 2 and not m["skipped"]
+
+
+BUILD_WITHOUT_TENSORFLOW = """
+import sys
+from srtrain.data import __main__ as cli
+code = cli.main(sys.argv[1:])
+print("tensorflow" in sys.modules, code)
+"""
+
+
+def test_the_builder_runs_without_loading_tensorflow(source, tmp_path):
+    # TensorFlow is only for the pipelines: the builder (and `--help`) start in a fraction of a
+    # second and hundreds of MB less, and so do its worker processes.
+    script = [sys.executable, "-c", BUILD_WITHOUT_TENSORFLOW]
+    args = ["build", str(source / "synth" / "*.jpg"), str(tmp_path / "out"), "--workers", "2"]
+    p = subprocess.run([*script, *args], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split()[-2:] == ["False", "0"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["images"] == 2
 
 
 def test_missing_source_is_one_line(tmp_path):
