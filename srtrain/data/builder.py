@@ -368,7 +368,7 @@ def build(
             raise BuildError(f"{src}: no JPEG, PNG or BMP files found")
         tasks = ((rel, path, min_size, train_scales, split, seed) for rel, path in files)
         total = len(files)
-    # fork: checkers only run Pillow, and spawned ones would each import TensorFlow (seconds).
+    # fork where there is one: the checkers only run Pillow and start at once (spawn re-imports).
     ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     pool = ctx.Pool(workers) if workers > 1 else None
     with tqdm(total=total, unit="img", desc="build", disable=not progress) as bar:
