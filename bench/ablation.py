@@ -63,6 +63,10 @@ ROWS = {
         ["data.patch_size=160", "data.batch_size=10"],
     ),
     "channel-shuffle": ("a random channel order per patch", ["data.channel_shuffle=true"]),
+    "mse-tail": (
+        "the last 25% of the planned steps on MSE (at MAE's gradient size) instead of MAE",
+        ["loss.mse_final_fraction=0.25"],
+    ),
     "bn-0.99": ("BatchNorm momentum 0.99, Keras' default", ["model.bn_momentum=0.99"]),
 }
 # Rows that change nothing for a job without BatchNorm (the Base U-Net).

@@ -212,6 +212,15 @@ class LossConfig:
         ),
         each_value=Rule(lambda w: w > 0, "a weight > 0"),
     )
+    # The last fraction of the planned steps trains on MSE instead of MAE: PSNR scores MSE.
+    # The cosine's tail, moved with it when the time limit re-plans the run; each example's
+    # MSE is divided by twice its (constant) MAE, so the gradients keep MAE's size and Adam's
+    # steps go on as before (`mae` only). 0: MAE throughout, as the original.
+    mse_final_fraction: float = option(
+        0.0,
+        Rule(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        Rule(lambda v, kind: v == 0 or kind == "mae", "0 unless loss.kind is mae", given=_kind),
+    )
     # "imagenet" (Keras download and cache), a local .weights.h5/.h5 file, or an s3:// object.
     vgg_weights: str = option(
         "imagenet",

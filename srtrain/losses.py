@@ -2,6 +2,8 @@
 batch so every replica count gives the same gradient.
 
 - `mae`: mean absolute error over pixels, the original project's base loss.
+- `loss.mse_final_fraction` > 0 (`MseTail`): the run's last steps train on MSE instead, rescaled
+  per example to MAE's gradient size (`mse_at_mae_scale`).
 - `composite`: MAE + alpha x perceptual, where perceptual = sum over `loss.perceptual_layers` of
   weight x MAE between VGG19 features of output and target (Keras' vgg19 preprocessing on 0-255),
   as the original project did with block2_conv2 or block5_conv4 alone.
@@ -48,6 +50,39 @@ def mae(hr: tf.Tensor, sr: tf.Tensor) -> tf.Tensor:
     """(B, H, W, C) x2 -> (B,) mean absolute error per image."""
     diff = tf.abs(tf.cast(hr, tf.float32) - tf.cast(sr, tf.float32))
     return tf.reduce_mean(diff, axis=[1, 2, 3])
+
+
+def mse_at_mae_scale(hr: tf.Tensor, sr: tf.Tensor) -> tf.Tensor:
+    """(B,) mean squared error per image divided by twice its mean absolute error, the divisor
+    held constant: the gradient of MSE (what PSNR scores) at the size of MAE's, per pixel the
+    error over the image's mean error instead of its sign."""
+    diff = tf.cast(hr, tf.float32) - tf.cast(sr, tf.float32)
+    mse = tf.reduce_mean(tf.square(diff), axis=[1, 2, 3])
+    scale = tf.stop_gradient(tf.reduce_mean(tf.abs(diff), axis=[1, 2, 3]))
+    return mse / (2.0 * tf.maximum(scale, 1e-6))
+
+
+class MseTail:
+    """`loss.mse_final_fraction`: the loss switches from MAE to `mse_at_mae_scale` at a step
+    held in a variable (built in the strategy's scope), compared with the optimizer's step inside
+    the train step, so `plan` can move it when the run's planned length changes, no retracing."""
+
+    def __init__(self, fraction: float, iterations: tf.Variable):
+        self.fraction, self.iterations = fraction, iterations
+        self.start = tf.Variable(float("inf"), trainable=False, name="mse_start_step")
+
+    def plan(self, total_steps: int) -> int:
+        """Starts MSE at the last `fraction` of `total_steps`; returns that step."""
+        start = round(total_steps * (1.0 - self.fraction))
+        self.start.assign(float(start))
+        return start
+
+    def wrap(self, loss_fn: LossFn) -> LossFn:
+        def loss(hr: tf.Tensor, sr: tf.Tensor) -> tf.Tensor:
+            late = tf.cast(self.iterations, tf.float32) >= self.start
+            return tf.where(late, mse_at_mae_scale(hr, sr), loss_fn(hr, sr))
+
+        return loss
 
 
 # --- VGG19 weights ------------------------------------------------------------------------------

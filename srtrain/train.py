@@ -121,6 +121,11 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         if cfg.train.ema_decay:
             averaged = models.from_config(cfg.model, scale, dtype=policy, replicas=replicas)
             ema = WeightEMA(strategy, model, averaged, cfg.train.ema_decay)
+        tail = (
+            losses.MseTail(cfg.loss.mse_final_fraction, optimizer.iterations)
+            if cfg.loss.mse_final_fraction
+            else None
+        )
     # What is validated, kept as best, tested and exported: the EMA weights when on.
     eval_model = ema.averaged if ema else model
     loss_fn = losses.build_loss(
@@ -141,6 +146,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
     planned = schedule.planned_epochs(state, cfg.train)
     if isinstance(lr_schedule, schedule.CosineSchedule):
         lr_schedule.plan(planned)
+    mse_start = tail.plan(planned * cfg.train.steps_per_epoch) if tail else None
 
     train_iter = iter(distributed_train_dataset(strategy, cfg, global_batch, state.step))
     val_ds = data.eval_dataset(cfg, index=ctx.rank, count=ctx.world_size)
@@ -148,7 +154,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         strategy,
         model,
         optimizer,
-        loss_fn,
+        tail.wrap(loss_fn) if tail else loss_fn,
         global_batch,
         cfg.train.jit,
         prepare_batch(cfg),
@@ -172,6 +178,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
             + (f", {cfg.train.warmup_steps} warmup steps" if cfg.train.warmup_steps else "")
             + (f", EMA {cfg.train.ema_decay:g}" if ema else "")
             + (f", grad clip {cfg.train.grad_clip_norm:g}" if cfg.train.grad_clip_norm else "")
+            + (f", MSE from step {mse_start:,}" if tail else "")
             + ")"
         )
     metrics_log = MetricsLog(ctx.run_dir, cfg) if ctx.chief else None
@@ -246,6 +253,8 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
             planned = row["planned_epochs"] = fit
             if isinstance(lr_schedule, schedule.CosineSchedule) and not decision.stop:
                 lr_schedule.plan(planned)
+            if tail and not decision.stop:
+                tail.plan(planned * steps_per_epoch)
         row["best"] = decision.improved
         if ctx.chief:
             ctx.log_fn(_progress_line(row, cfg.train.epochs))

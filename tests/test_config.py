@@ -109,6 +109,8 @@ def test_job_files_load(tmp_path):
         ({"train": {"lr": 1e-4, "min_lr": 1e-3}}, "train.min_lr"),
         ({"loss": {"kind": "composite", "perceptual_layers": {}}}, "loss.perceptual_layers"),
         ({"loss": {"kind": "composite", "vgg_weights": " "}}, "loss.vgg_weights"),
+        ({"loss": {"mse_final_fraction": 1.0}}, "loss.mse_final_fraction"),
+        ({"loss": {"kind": "composite", "mse_final_fraction": 0.2}}, "loss.mse_final_fraction"),
     ],
 )
 def test_bad_values_name_the_key_path(data, key):

@@ -71,6 +71,48 @@ def test_mae_is_per_example():
     np.testing.assert_allclose(losses.mae(hr, sr).numpy(), [0.0, 0.5])
 
 
+def test_mse_at_mae_scale_has_mse_direction_and_mae_size():
+    hr, sr = images(1)
+    with tf.GradientTape(persistent=True) as g:
+        g.watch(sr)
+        tail = tf.reduce_sum(losses.mse_at_mae_scale(hr, sr))
+        mse = tf.reduce_sum(tf.reduce_mean(tf.square(hr - sr), axis=[1, 2, 3]))
+        mae = tf.reduce_sum(losses.mae(hr, sr))
+    d_tail, d_mse, d_mae = (g.gradient(v, sr).numpy() for v in (tail, mse, mae))
+    for i in range(2):  # per image: parallel to MSE's gradient, as large as MAE's on average
+        cos = np.sum(d_tail[i] * d_mse[i]) / np.linalg.norm(d_tail[i]) / np.linalg.norm(d_mse[i])
+        assert cos == pytest.approx(1.0, abs=1e-5)
+        assert np.abs(d_tail[i]).mean() == pytest.approx(np.abs(d_mae[i]).mean(), rel=1e-4)
+    # Its value: MSE over twice MAE, per image.
+    diff = (hr - sr).numpy()
+    want = (diff**2).mean(axis=(1, 2, 3)) / (2 * np.abs(diff).mean(axis=(1, 2, 3)))
+    np.testing.assert_allclose(losses.mse_at_mae_scale(hr, sr).numpy(), want, rtol=1e-5)
+
+
+def test_mse_tail_switches_at_its_planned_step_without_retracing():
+    hr, sr = images(2)
+    step = tf.Variable(0, dtype=tf.int64)
+    tail = losses.MseTail(0.25, step)
+    traces = []
+
+    @tf.function
+    def loss(hr, sr):
+        traces.append(1)
+        return tail.wrap(losses.mae)(hr, sr)
+
+    mae, late = losses.mae(hr, sr).numpy(), losses.mse_at_mae_scale(hr, sr).numpy()
+    assert not np.allclose(mae, late)
+    np.testing.assert_allclose(loss(hr, sr).numpy(), mae)  # unplanned: MAE throughout
+    assert tail.plan(400) == 300
+    for at, want in [(299, mae), (300, late), (1000, late)]:
+        step.assign(at)
+        np.testing.assert_allclose(loss(hr, sr).numpy(), want, rtol=1e-6)
+    assert tail.plan(800) == 600  # the time limit moved the run's end: MSE starts later
+    step.assign(300)
+    np.testing.assert_allclose(loss(hr, sr).numpy(), mae, rtol=1e-6)
+    assert len(traces) == 1
+
+
 def test_composite_is_mae_plus_alpha_times_weighted_vgg_feature_mae(vgg_file):
     cfg = composite_cfg(vgg_file)
     loss = losses.build_loss(cfg)
