@@ -43,10 +43,15 @@ def pick_strategy() -> tf.distribute.Strategy:
 
 def cpu_kernels() -> str:
     """The library TensorFlow's CPU ops run on in this process: "oneDNN" (TF_ENABLE_ONEDNN_OPTS,
-    which srtrain turns on unless the user set it) or "Eigen"."""
-    from tensorflow.python.util import _pywrap_util_port
+    which srtrain turns on unless the user set it) or "Eigen"; "kernels unknown" where
+    TensorFlow no longer has the private module it asks (checked with the pinned 2.21)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
 
-    return "oneDNN" if _pywrap_util_port.IsMklEnabled() else "Eigen"
+        enabled = _pywrap_util_port.IsMklEnabled()
+    except (ImportError, AttributeError):
+        return "kernels unknown"
+    return "oneDNN" if enabled else "Eigen"
 
 
 def _cpu_has_fast_bf16() -> bool:

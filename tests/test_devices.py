@@ -26,3 +26,15 @@ def test_onednn_kernels_are_on_unless_the_user_turned_them_off(env, kernels):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split()[-1] == kernels
+
+
+def test_kernels_are_unknown_when_tensorflow_lacks_the_private_probe(monkeypatch):
+    from tensorflow.python import util
+
+    import srtrain.devices as d
+
+    # As in a TensorFlow without the module: not an attribute of its package, and a None entry
+    # in sys.modules makes importing it fail.
+    monkeypatch.delattr(util, "_pywrap_util_port")
+    monkeypatch.setitem(sys.modules, "tensorflow.python.util._pywrap_util_port", None)
+    assert d.cpu_kernels() == "kernels unknown"
