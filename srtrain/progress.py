@@ -82,6 +82,8 @@ def progress_line(row: dict, epochs: int) -> str:
         line += f"  (lr -> {row['lr_reduced_to']:.1e})"
     if "planned_epochs" in row and not row.get("time_limit"):
         line += f"  time limit: {row['planned_epochs']} epochs fit, the lr schedule now ends there"
+        if "mse_from_step" in row:
+            line += f" (MSE from step {row['mse_from_step']:,})"
     if row.get("time_limit"):
         line += "  time limit: another epoch would not fit"
     elif row.get("stopped_early"):

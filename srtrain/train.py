@@ -254,7 +254,7 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
             if isinstance(lr_schedule, schedule.CosineSchedule) and not decision.stop:
                 lr_schedule.plan(planned)
             if tail and not decision.stop:
-                tail.plan(planned * steps_per_epoch)
+                row["mse_from_step"] = tail.plan(planned * steps_per_epoch)
         row["best"] = decision.improved
         if ctx.chief:
             ctx.log_fn(_progress_line(row, cfg.train.epochs))

@@ -3,6 +3,7 @@ and from S3 (SeaweedFS), with one-line errors when they are missing; end to end,
 run trains with either source and stops before training when the weights point nowhere."""
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -236,3 +237,27 @@ def test_composite_run_trains_with_weights_from_s3(vgg_file, s3, s3_env, tmp_pat
     )
     assert p.returncode == 0, p.stderr[-2000:]
     assert list((tmp_path / "cache").rglob("vgg19.weights.h5"))
+
+
+def test_a_run_trains_on_mse_from_its_planned_step(tmp_path):
+    """Two in-process runs from one seed, MAE throughout and `loss.mse_final_fraction: 1/3` of 6
+    steps: the same first two epochs (steps 0-3), another third epoch (steps 4-5, on MSE)."""
+    from srtrain import train
+    from srtrain.config import load_config
+
+    tiny = [
+        "data.patch_size=16", "data.val_patch_size=32", "data.batch_size=2",
+        "data.val_images=2", "model.filters=4", "train.epochs=3", "train.steps_per_epoch=2",
+        "train.precision=fp32", "train.sample_images=0", "train.early_stop_patience=0",
+    ]  # fmt: skip
+    losses_by_epoch, lines = {}, []
+    for name, extra in [("mae", []), ("tail", ["loss.mse_final_fraction=0.3333"])]:
+        run = tmp_path / name
+        ctx = train.Context(run_dir=str(run), log_fn=lines.append)
+        train.train_loop(load_config(None, [*tiny, *extra]), ctx)
+        rows = (run / "metrics.jsonl").read_text().splitlines()
+        losses_by_epoch[name] = [json.loads(r)["train_loss"] for r in rows]
+    mae, tail = losses_by_epoch["mae"], losses_by_epoch["tail"]
+    assert mae[:2] == tail[:2]
+    assert abs(mae[2] - tail[2]) > 1e-6
+    assert sum("MSE from step 4" in line for line in lines) == 1

@@ -343,6 +343,8 @@ def test_progress_line_flags_input_bound_epochs():
     assert "data.patches_per_image=2" in line and "\n" not in line
     for option in ("degradation.on=replica", "data.decoded_cache", "scaling.cpus_per_worker"):
         assert option in line
+    replanned = _progress_line({**row, "planned_epochs": 4, "mse_from_step": 3000}, 5)
+    assert replanned.endswith("4 epochs fit, the lr schedule now ends there (MSE from step 3,000)")
 
 
 def test_progress_line_flags_a_model_with_a_flat_output():
