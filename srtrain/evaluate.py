@@ -138,13 +138,16 @@ class Entry:
 
 
 def describe_config(cfg) -> str:
-    """'advanced U-Net, MAE + 0.005 x VGG block5_conv4' for a Config."""
+    """'advanced U-Net, MAE + 0.005 x VGG block5_conv4' or 'base U-Net, MAE, MSE for the last
+    25%' for a Config."""
     loss = "MAE"
     if cfg.loss.kind == "composite":
         layers = " + ".join(
             n if w == 1 else f"{w:g} {n}" for n, w in cfg.loss.perceptual_layers.items()
         )
         loss = f"MAE + {cfg.loss.alpha:g} x VGG {layers}"
+    if cfg.loss.mse_final_fraction:
+        loss += f", MSE for the last {cfg.loss.mse_final_fraction:.0%}"
     return f"{cfg.model.arch} U-Net, {loss}"
 
 

@@ -156,3 +156,11 @@ def test_both_protocols_on_the_bundled_photos(ckpt, tmp_path):
     seed = json.loads((tmp_path / "seed" / "report.json").read_text())
     bic = lambda r: next(x["psnr"] for x in r["rows"] if x["method"] == "bicubic")  # noqa: E731
     assert bic(std) > bic(seed) + 3  # noise-free bicubic LR on Y vs the noisy, blurred degradation
+
+
+def test_a_model_is_described_by_its_architecture_and_loss():
+    from srtrain.config import from_dict
+
+    assert evaluate.describe_config(from_dict({})) == "base U-Net, MAE"
+    tail = from_dict({"model": {"arch": "advanced"}, "loss": {"mse_final_fraction": 0.25}})
+    assert evaluate.describe_config(tail) == "advanced U-Net, MAE, MSE for the last 25%"
