@@ -51,12 +51,16 @@ def _mirrored_check() -> dict:
     step1 = train.make_train_step(tf.distribute.get_strategy(), single, opt1, losses.mae, 8)
     loss1 = float(step1((tf.constant(lr), tf.constant(hr))))
 
-    with strategy.scope():
-        mirrored = models.build_unet(filters=16)
-        mirrored.set_weights(init)
-        opt2 = train.make_optimizer(1e-3, "float32")
-        opt2.build(mirrored.trainable_variables)
-    step2 = train.make_train_step(strategy, mirrored, opt2, losses.mae, 8)
+    def mirrored_copy():
+        """The single-replica model's initial weights and a fresh optimizer under `strategy`."""
+        with strategy.scope():
+            model = models.build_unet(filters=16)
+            model.set_weights(init)
+            opt = train.make_optimizer(1e-3, "float32")
+            opt.build(model.trainable_variables)
+        return model, train.make_train_step(strategy, model, opt, losses.mae, 8)
+
+    mirrored, step2 = mirrored_copy()
     dist = strategy.experimental_distribute_dataset(
         tf.data.Dataset.from_tensors((lr, hr))
     )  # global batch 8 -> 4 per replica
@@ -71,12 +75,7 @@ def _mirrored_check() -> dict:
     out["single_moved"] = max(diffs) > 0
     out["loss_single"], out["loss_mirrored"] = loss1, loss2
     # compare after the first step only: rebuild a second mirrored copy for a 1-step comparison
-    with strategy.scope():
-        m3 = models.build_unet(filters=16)
-        m3.set_weights(init)
-        opt3 = train.make_optimizer(1e-3, "float32")
-        opt3.build(m3.trainable_variables)
-    step3 = train.make_train_step(strategy, m3, opt3, losses.mae, 8)
+    m3, step3 = mirrored_copy()
     step3(dist_batch)
     out["max_weight_diff_vs_single"] = max(
         float(np.max(np.abs(a - b)))
