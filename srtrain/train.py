@@ -143,10 +143,16 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         ctx.log_fn(f"resumed from {ctx.restore_from} at epoch {state.epoch}, step {state.step}")
     if cfg.train.schedule == "plateau":
         optimizer.learning_rate.assign(state.lr)
+
+    def plan(epochs: int) -> int | None:
+        """Ends the cosine, and starts the MSE tail, where a run of `epochs` epochs would;
+        returns the tail's first step (None without one)."""
+        if isinstance(lr_schedule, schedule.CosineSchedule):
+            lr_schedule.plan(epochs)
+        return tail.plan(epochs * cfg.train.steps_per_epoch) if tail else None
+
     planned = schedule.planned_epochs(state, cfg.train)
-    if isinstance(lr_schedule, schedule.CosineSchedule):
-        lr_schedule.plan(planned)
-    mse_start = tail.plan(planned * cfg.train.steps_per_epoch) if tail else None
+    mse_start = plan(planned)
 
     train_iter = iter(distributed_train_dataset(strategy, cfg, global_batch, state.step))
     val_ds = data.eval_dataset(cfg, index=ctx.rank, count=ctx.world_size)
@@ -249,12 +255,10 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
         if decision.out_of_time:
             row["time_limit"] = True
         if (fit := schedule.planned_epochs(state, cfg.train)) != planned:
-            # The time limit will end the run at another epoch: the cosine now ends there.
+            # The time limit will end the run at another epoch: the cosine (and MSE tail) follow.
             planned = row["planned_epochs"] = fit
-            if isinstance(lr_schedule, schedule.CosineSchedule) and not decision.stop:
-                lr_schedule.plan(planned)
-            if tail and not decision.stop:
-                row["mse_from_step"] = tail.plan(planned * steps_per_epoch)
+            if not decision.stop and (start := plan(planned)) is not None:
+                row["mse_from_step"] = start
         row["best"] = decision.improved
         if ctx.chief:
             ctx.log_fn(_progress_line(row, cfg.train.epochs))
