@@ -5,7 +5,8 @@
 
 - Base (all flags off, 1,883,267 params at 64 filters): two 3x3 ReLU convs per level at
   F / 2F / 4F filters, max-pooling down, bilinear upsampling up, concatenated skips, a final
-  bilinear x`scale` upsample and a 1x1 conv + sigmoid.
+  bilinear x`scale` upsample and a 1x1 conv + sigmoid (computed in the order 1x1 conv,
+  upsample, sigmoid: the same function, faster; see the end of `build_unet`).
 - Advanced (all on, 1,887,107 params, 2,560 of them BatchNorm moving statistics): LeakyReLU(0.1)
   (`leaky_relu`), the first conv of each lower level with stride 2 instead of max-pooling
   (`strided_conv`), a stride-2 Conv2DTranspose replacing upsample + first decoder conv
@@ -125,10 +126,12 @@ def build_unet(
     d2 = up(b, e2, f2, 2)  # (B, h/2, w/2, 2F)
     d1 = up(d2, e1, f1, 1)  # (B, h, w, F)
 
-    x = layers.UpSampling2D(scale, interpolation="bilinear", name="final_up", dtype=dtype)(d1)
-    out = layers.Conv2D(3, 1, activation="sigmoid", name="out", dtype="float32")(
-        x
-    )  # (B, sH, sW, 3)
+    # The 1x1 conv runs before the bilinear upsample: both are linear and bilinear weights sum
+    # to one, so up(conv(x)) == conv(up(x)) with the bias too; upsampling 3 channels instead of
+    # F makes a bf16 train step about 1.4x faster on CPU. The sigmoid comes last.
+    x = layers.Conv2D(3, 1, name="out", dtype="float32")(d1)  # (B, h, w, 3)
+    x = layers.UpSampling2D(scale, interpolation="bilinear", name="final_up", dtype="float32")(x)
+    out = layers.Activation("sigmoid", name="out_sigmoid", dtype="float32")(x)  # (B, sH, sW, 3)
     return keras.Model(inp, out, name=name)
 
 

@@ -74,3 +74,33 @@ def test_bn_momentum_reaches_every_batch_norm_layer_and_keeps_the_parameter_coun
         if type(layer).__name__ == "BatchNormalization"
     )
     assert fast.count_params() == default.count_params()
+
+
+@pytest.mark.parametrize("arch", ["base", "advanced"])
+def test_the_1x1_conv_before_the_upsample_is_the_original_order_with_the_same_weights(arch):
+    """The model computes conv(1x1) -> upsample -> sigmoid; the original upsample -> conv(1x1)
+    -> sigmoid is the same function, so weights trained in either order serve the other (the
+    weight list is the same: checkpoints saved before the change restore)."""
+    import keras
+
+    model = models.from_config(from_dict({"model": {"arch": arch, "filters": 8}}).model, scale=2)
+    rng = np.random.default_rng(0)
+    model.set_weights(
+        [
+            (
+                rng.uniform(0.5, 1.5, w.shape)
+                if "variance" in w.path
+                else rng.normal(0, 0.3, w.shape)
+            )
+            for w in model.weights
+        ]
+    )
+    d1 = model.get_layer("out").input
+    x = keras.layers.UpSampling2D(2, interpolation="bilinear")(d1)
+    original = keras.Model(
+        model.input, keras.layers.Conv2D(3, 1, activation="sigmoid", name="out")(x)
+    )
+    original.set_weights(model.get_weights())
+    lr = rng.random((2, 20, 28, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(model(lr)), np.asarray(original(lr)), atol=1e-5)
+    assert float(np.std(np.asarray(model(lr)))) > 0.01  # not a constant output
