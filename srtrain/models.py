@@ -116,8 +116,12 @@ def build_unet(
             x = _conv(x, f, f"dec{level}_up", strides=2, transpose=True, **kw)
             x = layers.Concatenate(name=f"dec{level}_concat", dtype=dtype)([x, skip])
         else:
+            # float32 whatever the policy: TensorFlow resizes in float32 anyway, and under a
+            # mixed policy Keras then clips the result to the 16-bit range before casting it
+            # (and differentiates the clip); here the concat's plain cast does it. The same
+            # numbers, a bf16 train step about 1.1x faster on CPU.
             x = layers.UpSampling2D(
-                2, interpolation="bilinear", name=f"dec{level}_up", dtype=dtype
+                2, interpolation="bilinear", name=f"dec{level}_up", dtype="float32"
             )(x)
             x = layers.Concatenate(name=f"dec{level}_concat", dtype=dtype)([x, skip])
             x = _conv(x, f, f"dec{level}_conv1", **kw)

@@ -104,3 +104,17 @@ def test_the_1x1_conv_before_the_upsample_is_the_original_order_with_the_same_we
     lr = rng.random((2, 20, 28, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(model(lr)), np.asarray(original(lr)), atol=1e-5)
     assert float(np.std(np.asarray(model(lr)))) > 0.01  # not a constant output
+
+
+def test_mixed_precision_upsamples_without_a_clip():
+    """Under a mixed policy Keras clips a float32 resize to the 16-bit range before casting (and
+    differentiates the clip); the decoder's upsamples run in float32 so only a cast remains."""
+    import tensorflow as tf
+
+    m = models.build_unet(filters=8, dtype="mixed_bfloat16")
+    assert m.get_layer("dec1_up").compute_dtype == "float32"
+    assert m.get_layer("dec1_concat").compute_dtype == "bfloat16"
+    graph = tf.function(m).get_concrete_function(tf.TensorSpec((1, 16, 16, 3))).graph
+    ops = {op.type for op in graph.get_operations()}
+    assert "ResizeBilinear" in ops
+    assert not ops & {"ClipByValue", "Minimum", "Maximum"}
