@@ -3,6 +3,7 @@
     python bench/step_time.py              # Base, 64 filters, batch 16, HR patches 128 and 96
     python bench/step_time.py --arch advanced --patches 128
     python bench/step_time.py --onednn --batch 8 --patches 128   # bench/results/onednn.json
+    python bench/step_time.py --graph --batch 8 --patches 128    # bench/results/step_graph.json
 
 Random tensors, Adam, MAE, fp32, one `tf.function` step; 2 warm-up steps, then `--steps` timed
 ones. Each patch size's figure stands beside the first one's (the ratio), measured in the same
@@ -16,6 +17,13 @@ per repeat, medians over `--repeats`, each beside `eigen`'s (the ratio):
   onednn-avx2  TF_ENABLE_ONEDNN_OPTS=1 with ONEDNN_MAX_CPU_ISA=AVX2: oneDNN held to AVX2, what an
                AVX2-only CPU runs when srtrain turns oneDNN on there
   onednn       TF_ENABLE_ONEDNN_OPTS=1: oneDNN with everything this CPU has
+
+--graph: the step of the model as srtrain builds it against the same model as it was built
+before two changes that keep its function and weights (srtrain/models.py): the final 1x1 conv
+now runs before the bilinear x2 upsample (3 channels upsampled instead of 64, at LR size), and
+the decoder's upsamples compute in float32 (under a mixed policy Keras clipped their float32
+result to the 16-bit range before the cast). fp32 and bf16, Base and Advanced, both graphs
+alternated in one process, medians over `--repeats`, each beside `before` (the ratio).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from keras import layers
 
 from srtrain import models
 from srtrain.config import ARCH_FLAGS
@@ -46,7 +55,17 @@ VARIANTS = {
 
 def step_seconds(arch: str, filters: int, patch: int, batch: int, steps: int) -> float:
     flags = dict.fromkeys(ARCH_FLAGS, arch == "advanced")
-    model = models.build_unet(filters=filters, **flags)
+    step = train_step(models.build_unet(filters=filters, **flags), patch, batch)
+    for _ in range(2):
+        step().numpy()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step().numpy()
+    return (time.perf_counter() - t0) / steps
+
+
+def train_step(model: keras.Model, patch: int, batch: int):
+    """One compiled Adam step on MAE, random tensors (the function returns the loss)."""
     opt = keras.optimizers.Adam(1e-3)
     lr = tf.random.uniform((batch, patch // 2, patch // 2, 3))
     hr = tf.random.uniform((batch, patch, patch, 3))
@@ -59,12 +78,67 @@ def step_seconds(arch: str, filters: int, patch: int, batch: int, steps: int) ->
         opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
 
-    for _ in range(2):
-        step().numpy()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step().numpy()
-    return (time.perf_counter() - t0) / steps
+    return step
+
+
+def as_before(model: keras.Model, policy: str) -> keras.Model:
+    """`model` rebuilt as srtrain built it before: its decoder upsamples under `policy`, and the
+    head upsample -> 1x1 conv + sigmoid (F channels upsampled); the same weights."""
+
+    def clone(layer):
+        config = layer.get_config()
+        if isinstance(layer, layers.UpSampling2D):
+            config["dtype"] = policy
+        return type(layer).from_config(config)
+
+    body = keras.models.clone_model(model, clone_function=clone)
+    x = layers.UpSampling2D(2, interpolation="bilinear", dtype=policy)(body.get_layer("out").input)
+    out = layers.Conv2D(3, 1, activation="sigmoid", dtype="float32")(x)
+    before = keras.Model(body.input, out)
+    before.set_weights(model.get_weights())
+    return before
+
+
+def compare_graphs(a: argparse.Namespace) -> dict:
+    """Steps per second of `before` and `now` for each arch and precision, alternated."""
+    patch = int(a.patches.split(",")[0])
+    rows = {}
+    for arch in ("base", "advanced"):
+        for precision, policy in (("fp32", "float32"), ("bf16", "mixed_bfloat16")):
+            flags = dict.fromkeys(ARCH_FLAGS, arch == "advanced")
+            now = models.build_unet(filters=a.filters, dtype=policy, **flags)
+            before = as_before(now, policy)
+            probe = tf.random.uniform((2, patch // 2, patch // 2, 3))
+            differ = float(tf.reduce_max(tf.abs(now(probe) - before(probe))))
+            steps = {
+                name: train_step(m, patch, a.batch)
+                for name, m in (("before", before), ("now", now))
+            }
+            runs: dict[str, list[float]] = {k: [] for k in steps}
+            for step in steps.values():
+                for _ in range(2):
+                    step().numpy()
+            for _ in range(a.repeats):
+                for name, step in steps.items():
+                    t0 = time.perf_counter()
+                    for _ in range(a.steps):
+                        step().numpy()
+                    runs[name].append((time.perf_counter() - t0) / a.steps)
+            ref = statistics.median(runs["before"])
+            row = {"max_output_difference": differ}
+            for name, got in runs.items():
+                s = statistics.median(got)
+                row[name] = {
+                    "seconds_per_step": round(s, 4),
+                    "images_per_sec": round(a.batch / s, 2),
+                    "vs_before": round(ref / s, 3),
+                    "runs": [round(x, 4) for x in got],
+                }
+            rows[f"{arch} {precision}"] = row
+            print(f"{arch} {precision}: before {row['before']['images_per_sec']} img/s, now "
+                  f"{row['now']['images_per_sec']} ({row['now']['vs_before']}x); outputs differ "
+                  f"by at most {differ:.1e}", flush=True)  # fmt: skip
+    return rows
 
 
 def onednn_enabled() -> bool:
@@ -133,7 +207,8 @@ def main() -> None:
     p.add_argument("--patches", default="128,96", help="HR patch sizes, comma-separated")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--onednn", action="store_true", help="compare TensorFlow's CPU kernels")
-    p.add_argument("--repeats", type=int, default=3, help="with --onednn")
+    p.add_argument("--graph", action="store_true", help="compare the model's graph with before")
+    p.add_argument("--repeats", type=int, default=3, help="with --onednn and --graph")
     p.add_argument("--out", help="default bench/results/step_time.json (onednn.json with --onednn)")
     a = p.parse_args()
     results = Path(__file__).parent / "results"
@@ -146,6 +221,11 @@ def main() -> None:
             got = (f"{k} {v['images_per_sec']} img/s ({v['vs_eigen']}x)" for k, v in by.items())
             print(f"{arch}: " + ", ".join(got))
         path = Path(a.out or results / "onednn.json")
+    elif a.graph:
+        out = {"cpu": cpu(), "onednn": onednn_enabled(), "tensorflow": tf.__version__,
+               "keras": keras.__version__, "batch": a.batch, "patch": int(a.patches.split(",")[0]),
+               "steps": a.steps, "repeats": a.repeats, "rows": compare_graphs(a)}  # fmt: skip
+        path = Path(a.out or results / "step_graph.json")
     else:
         rows = []
         for patch in (int(x) for x in a.patches.split(",")):
