@@ -64,8 +64,16 @@ ROWS = {
     ),
     "channel-shuffle": ("a random channel order per patch", ["data.channel_shuffle=true"]),
     "mse-tail": (
-        "the last 25% of the planned steps on MSE (at MAE's gradient size) instead of MAE",
+        "the last 25% of the planned steps on MSE (at MAE's gradient size), the rest on MAE",
         ["loss.mse_final_fraction=0.25"],
+    ),
+    "mse-half": (
+        "the last 50% of the planned steps on MSE, the rest on MAE",
+        ["loss.mse_final_fraction=0.5"],
+    ),
+    "mse-3q": (
+        "the last 75% of the planned steps on MSE, the rest on MAE",
+        ["loss.mse_final_fraction=0.75"],
     ),
     "bn-0.99": ("BatchNorm momentum 0.99, Keras' default", ["model.bn_momentum=0.99"]),
 }
