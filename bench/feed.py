@@ -16,6 +16,11 @@ batch 64 of HR 256 patches (what a GPU job uses), these input paths:
   accelerator+patches2  degradation.on=replica + data.patches_per_image=2: where the decoded
                      cache does not fit, one JPEG window decode for two patches
 
+and the accelerator path in two parts (`accelerator_parts`: CPU ms per pair of each, and the
+rest): window_decode, its random windows decoded (flipped, turned, batched) from the photos held
+in memory as encoded bytes, and shard_records, its records read from the shards and batched,
+nothing decoded.
+
 Each path's tf.data pipeline is built once (its functions traced: `pipeline_build_s`); each
 repeat times every path in turn (a fresh iterator, `--warmup` batches untimed, which also
 covers a cache fill; the time to the first batch is recorded apart), so machine noise hits all
@@ -171,6 +176,10 @@ def feed(args) -> int:
             t0 = time.perf_counter()  # tracing the pipeline's functions, once per path
             datasets[name] = data.train_dataset(cfg)
             build_s[name] = time.perf_counter() - t0
+        acc_cfg = load_path([*base, *PATHS["accelerator"]])[0]
+        if acc_cfg is not None:  # the accelerator path's parts, timed like the paths
+            for name, make in PARTS.items():
+                datasets[name] = make(acc_cfg)
         runs: dict[str, list[dict]] = {k: [] for k in datasets}
         load_before = os.getloadavg()
         for r in range(args.repeats):
@@ -185,8 +194,14 @@ def feed(args) -> int:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    paths = {}
+    paths, parts = {}, {}
     for name, ms in runs.items():
+        if name in PARTS:
+            parts[name] = {
+                "pairs_per_s": round(statistics.median(m["pairs_per_s"] for m in ms), 1),
+                "pairs_per_cpu_s": round(statistics.median(m["pairs_per_cpu_s"] for m in ms), 1),
+            }
+            continue
         rate = statistics.median(m["pairs_per_s"] for m in ms)
         per_cpu_s = statistics.median(m["pairs_per_cpu_s"] for m in ms)
         paths[name] = {
@@ -235,6 +250,8 @@ def feed(args) -> int:
         "tensorflow": tf.__version__,
         "paths": paths,
     }
+    if parts and "accelerator" in paths:
+        result["accelerator_parts"] = accelerator_parts(paths["accelerator"], parts)
     write(args.out, result)
     for name, p in paths.items():
         if "skipped" in p:
@@ -245,7 +262,77 @@ def feed(args) -> int:
                 f"{p['cores_per_gpu']:5.2f} cores per GPU  ({p['pairs_per_cpu_s']:.0f} per "
                 f"CPU-s -> {p['cores_per_gpu_by_cpu_s']:.2f})"
             )
+    if "accelerator_parts" in result:
+        ms = result["accelerator_parts"]["cpu_ms_per_pair"]
+        print("accelerator, CPU ms per pair: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
     return 0
+
+
+def window_decodes(cfg):
+    """Part of the accelerator path: random windows decoded from the photos held in memory as
+    encoded bytes (no shard reading), flipped and turned, batched, as `train_dataset` does."""
+    import tensorflow as tf
+
+    from srtrain.data import shards
+    from srtrain.data.ops import dataset_options, element_seed, random_patch
+
+    size, seed = cfg.data.patch_size, cfg.train.seed
+    rows = {"image": [], "height": [], "width": []}
+    for r in shards.records(cfg, cfg.data.train_split, min_size=size):  # one pass
+        for key, value in rows.items():
+            value.append(r[key].numpy())
+    ds = tf.data.Dataset.from_tensor_slices(rows).cache().repeat()
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate()
+
+    def patch(i, r):
+        s = element_seed(seed, i)
+        return random_patch(r["image"], r["height"], r["width"], size, s), s
+
+    ds = ds.map(patch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(cfg.data.batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
+
+
+def shard_records(cfg):
+    """Part of the accelerator path: the training records read from the shards into tf.data,
+    shuffled and numbered as `train_dataset` does, nothing decoded (each record's byte count
+    stands in for its patch)."""
+    import tensorflow as tf
+
+    from srtrain.data import shards
+    from srtrain.data.ops import dataset_options
+
+    seed = cfg.train.seed
+    ds = shards.records(cfg, cfg.data.train_split, 0, 1, cfg.data.patch_size, seed=seed)
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed).enumerate()
+    ds = ds.map(lambda i, r: (tf.strings.length(r["image"]), i))
+    ds = ds.batch(cfg.data.batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options())
+
+
+# The accelerator path in parts, timed in the same repeats: where its CPU time goes.
+PARTS = {"window_decode": window_decodes, "shard_records": shard_records}
+
+
+def accelerator_parts(path: dict, parts: dict) -> dict:
+    """CPU milliseconds per pair of the accelerator path and of its two parts; the rest is what
+    neither part covers (tf.data's per-element work between them, the flips' copies overlap)."""
+    ms = {name: 1000 / p["pairs_per_cpu_s"] for name, p in parts.items()}
+    whole = 1000 / path["pairs_per_cpu_s"]
+    return {
+        "what": (
+            "CPU ms per pair (medians of pairs per CPU-s): the accelerator path; window_decode: "
+            "random 256 windows decoded, flipped/turned and batched from encoded photos held in "
+            "memory (no shard reading); shard_records: the records read from the shards, "
+            "shuffled, numbered and batched, nothing decoded; rest: the path less both"
+        ),
+        "parts": parts,
+        "cpu_ms_per_pair": {
+            "accelerator": round(whole, 3),
+            **{name: round(v, 3) for name, v in ms.items()},
+            "rest": round(whole - sum(ms.values()), 3),
+        },
+    }
 
 
 def write(out: str, result: dict) -> None:

@@ -460,7 +460,11 @@ def test_decoded_cache_draws_patches_like_window_decoding(coded_dataset, monkeyp
         assert chi2_same(p, f) < bound, (p, f)
     # The same check on a cache whose batches all come from one seed fails.
     real = decoded.cache_batch
-    monkeypatch.setattr(decoded, "cache_batch", lambda c, s, b, seed, n: real(c, s, b, seed, 0))
+
+    def stuck_batch(c, s, b, seed, n, buffers=None):
+        return real(c, s, b, seed, 0, buffers)
+
+    monkeypatch.setattr(decoded, "cache_batch", stuck_batch)
     stuck = histograms(
         hr.numpy()
         for hr, _ in decoded.cached_batches(decoded.decoded_cache(cached), 64, 64, 1).take(n)
@@ -490,6 +494,29 @@ def test_decoded_cache_is_reproducible_and_resumable(coded_dataset):
         window = img[top : top + 64, left : left + 64]
         assert any(np.array_equal(patch, c) for c in dihedral_images(window))
     assert len({tuple(s) for _, ss in whole for s in ss}) == 48  # fresh noise seed per patch
+
+
+def test_batch_buffers_come_back_only_when_let_go():
+    buffers = decoded.BatchBuffers((2, 4, 4, 3), most=2)
+    a = buffers.take()
+    assert a.ctypes.data % 64 == 0 and a.shape == (2, 4, 4, 3) and a.dtype == np.uint8
+    b = buffers.take()
+    assert b.ctypes.data != a.ctypes.data  # a is still held
+    at = a.ctypes.data
+    del a
+    c = buffers.take()
+    assert c.ctypes.data == at  # a's memory, handed out again
+    d = buffers.take()  # both kept buffers held: a fresh one, not kept
+    assert d.ctypes.data not in (b.ctypes.data, c.ctypes.data) and len(buffers.slots) == 2
+
+
+def test_decoded_cache_batches_held_stay_intact(coded_dataset):
+    # Holding every batch (more than the buffers a generator keeps) while the pipeline runs on:
+    # no batch may be cut into a buffer a held one still uses.
+    cache = decoded.decoded_cache(coded_cfg(coded_dataset, "data.decoded_cache=true"))
+    held = list(decoded.cached_batches(cache, 32, 4, 3).take(40))
+    for n, (hr, _) in enumerate(held):
+        np.testing.assert_array_equal(hr.numpy(), decoded.cache_batch(cache, 32, 4, 3, n))
 
 
 def test_decoded_cache_memory_check(coded_dataset, monkeypatch, caplog):

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,8 +230,42 @@ def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     return raw[at : at + n].reshape(shape)
 
 
-def cache_batch(cache: DecodedCache, size: int, batch: int, seed: int, n: int) -> np.ndarray:
-    """Batch `n` of patches cut from the cache: (batch, size, size, 3) uint8.
+class BatchBuffers:
+    """Aligned batch buffers, each handed out again once nothing holds the array last made in it.
+
+    TensorFlow takes a generator's array over without copying and lets go of it when the batch
+    is spent; a fresh buffer for every batch costs the kernel's page faults and zeroing, about as
+    much CPU as cutting the batch (bench/README.md). Up to `most` buffers are kept; while all are
+    in use, `take` returns a fresh one. For one thread.
+    """
+
+    def __init__(self, shape: tuple[int, ...], most: int = 8) -> None:
+        self.shape, self.most = shape, most
+        self.slots: list[tuple[np.ndarray, weakref.ref]] = []  # (memory, the array handed out)
+
+    def take(self) -> np.ndarray:
+        for i, (memory, handed) in enumerate(self.slots):
+            if handed() is None:
+                out = memory.view()  # a new array over the same memory
+                self.slots[i] = (memory, weakref.ref(out))
+                return out
+        memory = _aligned_empty(self.shape)
+        out = memory.view()
+        if len(self.slots) < self.most:
+            self.slots.append((memory, weakref.ref(out)))
+        return out
+
+
+def cache_batch(
+    cache: DecodedCache,
+    size: int,
+    batch: int,
+    seed: int,
+    n: int,
+    buffers: BatchBuffers | None = None,
+) -> np.ndarray:
+    """Batch `n` of patches cut from the cache: (batch, size, size, 3) uint8, in a buffer of
+    `buffers` when given.
 
     Each patch: a uniformly random image, a uniformly random size x size window of it, one of
     the 8 flips and rotations uniformly; all drawn from Philox keyed by (seed, n) alone, so any
@@ -243,7 +278,7 @@ def cache_batch(cache: DecodedCache, size: int, batch: int, seed: int, n: int) -
     top = np.minimum((u[0] * (h - size + 1)).astype(np.int64), h - size)
     left = np.minimum((u[1] * (w - size + 1)).astype(np.int64), w - size)
     code = rng.integers(0, 8, batch)
-    out = _aligned_empty((batch, size, size, 3))
+    out = buffers.take() if buffers else _aligned_empty((batch, size, size, 3))
     for j in range(batch):
         i = image[j]
         img = cache.pixels[cache.offsets[i] : cache.offsets[i] + h[j] * w[j] * 3]
@@ -267,10 +302,12 @@ def cached_batches(
     def stream(j: tf.Tensor) -> tf.data.Dataset:
         def gen(j: int):
             n = start_batch + int(j)
+            buffers = BatchBuffers((batch, size, size, 3))
             while not _EXITING.is_set():
                 with _BUSY:
-                    hr = cache_batch(cache, size, batch, seed, n)
+                    hr = cache_batch(cache, size, batch, seed, n, buffers)
                 yield n, hr
+                del hr  # only TensorFlow holds the batch now: its buffer returns when it is spent
                 n += workers
 
         spec = (
