@@ -236,7 +236,9 @@ class BatchBuffers:
     TensorFlow takes a generator's array over without copying and lets go of it when the batch
     is spent; a fresh buffer for every batch costs the kernel's page faults and zeroing, about as
     much CPU as cutting the batch (bench/README.md). Up to `most` buffers are kept; while all are
-    in use, `take` returns a fresh one. For one thread.
+    in use, `take` returns a fresh one. A buffer is only added while all kept ones are held, so
+    the pool keeps the most batches the pipeline held at once (at most `most`), memory it used
+    at that moment anyway. For one thread.
     """
 
     def __init__(self, shape: tuple[int, ...], most: int = 8) -> None:
