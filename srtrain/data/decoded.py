@@ -280,7 +280,7 @@ def cache_batch(
     top = np.minimum((u[0] * (h - size + 1)).astype(np.int64), h - size)
     left = np.minimum((u[1] * (w - size + 1)).astype(np.int64), w - size)
     code = rng.integers(0, 8, batch)
-    out = buffers.take() if buffers else _aligned_empty((batch, size, size, 3))
+    out = buffers.take() if buffers is not None else _aligned_empty((batch, size, size, 3))
     for j in range(batch):
         i = image[j]
         img = cache.pixels[cache.offsets[i] : cache.offsets[i] + h[j] * w[j] * 3]
