@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import sys
 from collections.abc import Callable
@@ -137,9 +138,7 @@ def start_ray(own_dashboard: bool = False) -> None:
     if address or not own_dashboard:
         ray.init(address=address or None, configure_logging=False)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
         include_dashboard=True,
@@ -147,6 +146,21 @@ def start_ray(own_dashboard: bool = False) -> None:
         dashboard_port=port,
         configure_logging=False,
     )
+
+
+def _free_port() -> int:
+    """A free port for the dashboard, below the kernel's ephemeral range (32768 up) and above Ray's
+    worker ports (10002-19999): a port the kernel handed out (bind to 0) could be handed to one
+    of Ray's own sockets before the dashboard binds it (seen once in CI)."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 # --- errors -------------------------------------------------------------------------------------
