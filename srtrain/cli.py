@@ -11,11 +11,14 @@ flag or name (ConfigError), 1 for storage and failed runs; tracebacks are for bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,20 +141,35 @@ def start_ray(own_dashboard: bool = False) -> None:
     if address or not own_dashboard:
         ray.init(address=address or None, configure_logging=False)
         return
-    port = _free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        configure_logging=False,
-    )
+    for attempt in range(1, DASHBOARD_ATTEMPTS + 1):
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        before = _children()
+        try:
+            ray.init(
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                configure_logging=False,
+            )
+            return
+        except ValueError as e:
+            # Another process bound the port between our check and the dashboard's. Ray has
+            # started its GCS and monitor by then and gives up without stopping them.
+            if "already occupied" not in str(e) or attempt == DASHBOARD_ATTEMPTS:
+                raise
+            _stop(_children() - before)
+            print(f"Ray dashboard port {port} was taken meanwhile; trying another", flush=True)
+
+
+DASHBOARD_ATTEMPTS = 3
 
 
 def _free_port() -> int:
     """A free port for the dashboard, below the kernel's ephemeral range (32768 up) and above Ray's
     worker ports (10002-19999): a port the kernel handed out (bind to 0) could be handed to one
-    of Ray's own sockets before the dashboard binds it (seen once in CI)."""
+    of Ray's own sockets before the dashboard binds it (seen once in CI). Another process can
+    still take it before the dashboard binds it: `start_ray` then tries another."""
     rng = random.Random()
     while True:
         port = rng.randrange(20000, 32768)
@@ -161,6 +179,42 @@ def _free_port() -> int:
             except OSError:
                 continue
         return port
+
+
+def _children() -> set[int]:
+    """The pids of this process's children (Linux /proc; elsewhere none are known)."""
+    me, out = os.getpid(), set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:  # the field after the state: ppid
+            out.add(int(entry))
+    return out
+
+
+def _stop(pids: set[int], grace: float = 5.0) -> None:
+    """SIGTERM to `pids` (children of this process), SIGKILL to any left after `grace` s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while pids and time.monotonic() < deadline:
+            for pid in list(pids):
+                try:
+                    done = os.waitpid(pid, os.WNOHANG)[0] == pid
+                except ChildProcessError:  # reaped elsewhere (subprocess's own clean-up)
+                    done = True
+                if done:
+                    pids.discard(pid)
+            time.sleep(0.05)
+        if not pids:
+            return
 
 
 # --- errors -------------------------------------------------------------------------------------

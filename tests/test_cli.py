@@ -1,7 +1,10 @@
 """srtrain.cli: the flags, names, the one meaning of a name and the error ladder that
 `python -m srtrain.run` and `python -m tune.search` share."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -109,3 +112,48 @@ def test_a_command_returns_its_own_code_and_bugs_keep_their_traceback(capsys):
     with pytest.raises(KeyError):
         cli.exit_code("p", _raises(KeyError("bug")))
     assert capsys.readouterr().err == ""
+
+
+# The dashboard port taken between srtrain's check and the dashboard's own bind (as once in CI):
+# a real local Ray runtime, in a child process so that this one never initialises Ray.
+_TAKEN_PORT = r"""
+import os, socket
+from srtrain import cli
+
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+first = taken.getsockname()[1]
+free_port, drawn = cli._free_port, []
+def draw():
+    drawn.append(first if not drawn else free_port())
+    return drawn[-1]
+cli._free_port = draw
+
+cli.start_ray(own_dashboard=True)
+import ray
+
+@ray.remote
+def answer():
+    return 42
+
+names = [open(f"/proc/{p}/cmdline").read().split("\0")[0] for p in cli._children()]
+print("ports", *drawn, "api", os.environ["RAY_API_SERVER_ADDRESS"])
+gcs = sum(n.endswith("gcs_server") for n in names)
+print("gcs servers", gcs, "answer", ray.get(answer.remote()))
+ray.shutdown()
+"""
+
+
+def test_a_dashboard_port_taken_meanwhile_gets_another_and_the_half_started_runtime_stops():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API"))}
+    p = subprocess.run(
+        [sys.executable, "-c", _TAKEN_PORT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    first, second = re.search(r"^ports (\d+) (\d+) api (\S+)$", p.stdout, re.M).groups()[:2]
+    assert first != second
+    assert f"Ray dashboard port {first} was taken meanwhile; trying another" in p.stdout
+    assert f"api http://127.0.0.1:{second}" in p.stdout
+    # the first attempt's GCS was stopped: one runtime, and it works
+    assert "gcs servers 1 answer 42" in p.stdout, p.stdout
