@@ -317,6 +317,10 @@ class RunConfig:
     storage: str = option("runs", Rule(_filled, "a local directory or s3://bucket/prefix"))
     # Worker failures Ray recovers from by restarting from the latest checkpoint.
     max_failures: int = option(0, at_least(-1, "-1: forever"))
+    # srtrain.run trains in its own process, without Ray (what --local does, which sets it): for
+    # one small machine, where Ray's own processes would take about an eighth of 2 cores
+    # (bench/README.md). A search's trials always run on Ray.
+    local: bool = option(False)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Train a U-Net: `python -m srtrain.run [--config jobs/X.yaml] [--set k=v ...] [--local]`.
 
 With no arguments it trains the embedded default (Base U-Net, MAE, bundled sample photos) through
-a local Ray runtime with one Ray Train worker. `--local` runs the same loop in this process without
-Ray. Under `ray job submit` (RAY_ADDRESS set) it joins that cluster. Everything a run leaves
-(config.yaml, command.txt, metrics.jsonl, result.json, samples.png, checkpoints) goes to
+a local Ray runtime with one Ray Train worker. `--local` (or `run.local: true` in the job) runs the
+same loop in this process without Ray. Under `ray job submit` (RAY_ADDRESS set) it joins that
+cluster. Everything a run leaves (config.yaml, command.txt, metrics.jsonl, result.json,
+samples.png, checkpoints) goes to
 `<run.storage>/<run.name>/`, a local directory or s3://bucket/prefix.
 
 A run name means one run: an existing one is an error unless `--resume` continues it (from its
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--set": "override a config value, e.g. --set train.lr=1e-3 (repeatable)",
         "--local": {
             "action": "store_true",
-            "help": "run in this process without Ray (one GPU, several GPUs or the CPU)",
+            "help": "run in this process without Ray (one GPU, several GPUs or the CPU); "
+            "sets run.local",
         },
         "--output": "run storage: a local directory or s3://bucket/prefix "
         "(sets run.storage; default ./runs)",
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = cli.overrides(args) + ([cli.as_string("run.name", args.name)] if args.name else [])
+    overrides += ["run.local=true"] if args.local else []
     cfg = load_config(args.config, overrides)
     # Ray workers run in their own working directory: a relative path must mean ours.
     return dataclasses.replace(
@@ -89,9 +92,13 @@ def check_run_name(cfg: Config, name: str, run_dir: str, resume: bool, local: bo
     by_ray = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"), **kw)
     by_local = storage.exists(storage.join(run_dir, "checkpoints", "index.json"), **kw)
     if local and by_ray and not by_local:
-        raise ConfigError(f"run {name!r} was trained by Ray: resume it without --local")
+        raise ConfigError(
+            f"run {name!r} was trained by Ray: resume it without --local (run.local false)"
+        )
     if not local and by_local and not by_ray:
-        raise ConfigError(f"run {name!r} was trained with --local: resume it with --local")
+        raise ConfigError(
+            f"run {name!r} was trained in one process: resume it with --local (run.local true)"
+        )
     return True
 
 
@@ -285,7 +292,7 @@ def run_job(args: argparse.Namespace, argv: list[str]) -> int:
     storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
     name = run_name(cfg, args)
     run_dir = storage.join(cfg.run.storage, name)
-    resuming = check_run_name(cfg, name, run_dir, args.resume, args.local)
+    resuming = check_run_name(cfg, name, run_dir, args.resume, cfg.run.local)
     if cfg.loss.kind == "composite":  # fail before any work when VGG weights are missing
         from srtrain import losses
 
@@ -294,11 +301,11 @@ def run_job(args: argparse.Namespace, argv: list[str]) -> int:
         except losses.VGGWeightsError as e:
             raise cli.Failed(str(e)) from None
     write_run_files(cfg, run_dir, argv, resuming)
-    mode = "local (no Ray)" if args.local else f"Ray, {cfg.scaling.num_workers} worker(s)"
+    mode = "local (no Ray)" if cfg.run.local else f"Ray, {cfg.scaling.num_workers} worker(s)"
     print(f"run {name}: {mode}; outputs in {run_dir}", flush=True)
     t0 = time.time()
     try:
-        if args.local:
+        if cfg.run.local:
             result = run_local(cfg, run_dir, resuming)
         else:
             result = run_ray(cfg, run_dir, name)

@@ -110,12 +110,15 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path, quality):
     )
     check_name_taken(p, "r")
     assert (tmp_path / "r" / "checkpoints" / "index.json").read_bytes() == index
+    # the job's own run.local: true means what --local means (the run started with --local)
+    assert "local: true" in config.decode()
     p = run_cli(
-        "--local",
         *TINY,
         *extra,
         "--set",
         "train.epochs=2",
+        "--set",
+        "run.local=true",
         "--output",
         str(tmp_path),
         "--name",
@@ -123,6 +126,7 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path, quality):
         "--resume",
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "local (no Ray)" in p.stdout
     assert "resumed from" in p.stdout and "at epoch 1, step 20" in p.stdout
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     assert result["steps"] == 40 and result["epochs"] == 2
