@@ -4,8 +4,8 @@ With no arguments it trains the embedded default (Base U-Net, MAE, bundled sampl
 a local Ray runtime with one Ray Train worker. `--local` (or `run.local: true` in the job) runs the
 same loop in this process without Ray. Under `ray job submit` (RAY_ADDRESS set) it joins that
 cluster. Everything a run leaves (config.yaml, command.txt, metrics.jsonl, result.json,
-samples.png, checkpoints) goes to
-`<run.storage>/<run.name>/`, a local directory or s3://bucket/prefix.
+samples.png, checkpoints) goes to `<run.storage>/<run.name>/`, a local directory or
+s3://bucket/prefix.
 
 A run name means one run: an existing one is an error unless `--resume` continues it (from its
 newest checkpoint, in the mode that trained it). A resumed run keeps its config.yaml; command.txt
