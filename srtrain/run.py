@@ -302,6 +302,8 @@ def run_job(args: argparse.Namespace, argv: list[str]) -> int:
             raise cli.Failed(str(e)) from None
     write_run_files(cfg, run_dir, argv, resuming)
     mode = "local (no Ray)" if cfg.run.local else f"Ray, {cfg.scaling.num_workers} worker(s)"
+    if cfg.run.local and os.environ.get("RAY_ADDRESS"):
+        mode += " although RAY_ADDRESS is set (--set run.local=false trains on that cluster)"
     print(f"run {name}: {mode}; outputs in {run_dir}", flush=True)
     t0 = time.time()
     try:

@@ -110,7 +110,8 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path, quality):
     )
     check_name_taken(p, "r")
     assert (tmp_path / "r" / "checkpoints" / "index.json").read_bytes() == index
-    # the job's own run.local: true means what --local means (the run started with --local)
+    # the job's own run.local: true means what --local means (the run started with --local),
+    # also where RAY_ADDRESS names a cluster (here none: joining it would fail)
     assert "local: true" in config.decode()
     p = run_cli(
         *TINY,
@@ -124,9 +125,10 @@ def test_local_resume_continues_from_the_last_checkpoint(tmp_path, quality):
         "--name",
         "r",
         "--resume",
+        env={"RAY_ADDRESS": "127.0.0.1:9"},
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "local (no Ray)" in p.stdout
+    assert "local (no Ray) although RAY_ADDRESS is set" in p.stdout
     assert "resumed from" in p.stdout and "at epoch 1, step 20" in p.stdout
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     assert result["steps"] == 40 and result["epochs"] == 2
