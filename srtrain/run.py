@@ -82,20 +82,20 @@ def write_run_files(cfg: Config, run_dir: str, argv: list[str], resuming: bool =
     storage.write_bytes(commands_uri, before + command.encode(), **kw)
 
 
-def check_run_name(cfg: Config, name: str, run_dir: str, resume: bool, local: bool) -> bool:
+def check_run_name(cfg: Config, name: str, run_dir: str, resume: bool) -> bool:
     """The one meaning of a run name (cli.claim), and a run continues from its newest checkpoint
     in the mode that wrote it. Returns whether there is a run to continue."""
     kw = {"endpoint_url": cfg.data.endpoint_url, "region": cfg.data.region}
     if not cli.claim(cfg, "run", name, run_dir, resume):
         return False
-    # --local keeps checkpoints/index.json, Ray its own checkpoint_manager_snapshot.json
+    # one process (run.local) keeps checkpoints/index.json, Ray its checkpoint_manager_snapshot.json
     by_ray = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"), **kw)
     by_local = storage.exists(storage.join(run_dir, "checkpoints", "index.json"), **kw)
-    if local and by_ray and not by_local:
+    if cfg.run.local and by_ray and not by_local:
         raise ConfigError(
             f"run {name!r} was trained by Ray: resume it without --local (run.local false)"
         )
-    if not local and by_local and not by_ray:
+    if not cfg.run.local and by_local and not by_ray:
         raise ConfigError(
             f"run {name!r} was trained in one process: resume it with --local (run.local true)"
         )
@@ -292,7 +292,7 @@ def run_job(args: argparse.Namespace, argv: list[str]) -> int:
     storage.check_writable(cfg.run.storage, cfg.data.endpoint_url, cfg.data.region)
     name = run_name(cfg, args)
     run_dir = storage.join(cfg.run.storage, name)
-    resuming = check_run_name(cfg, name, run_dir, args.resume, cfg.run.local)
+    resuming = check_run_name(cfg, name, run_dir, args.resume)
     if cfg.loss.kind == "composite":  # fail before any work when VGG weights are missing
         from srtrain import losses
 
