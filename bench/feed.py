@@ -87,6 +87,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> list[str]:
+    """Which of the vector and matrix extensions that move these figures the CPU has: "AMD EPYC"
+    names both AVX2-only and AVX-512 (bf16) models, which differ here by up to 2x."""
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process, all threads."""
     t = os.times()
@@ -242,6 +256,7 @@ def feed(args) -> int:
         "statistic": "median over repeats",
         "cores": cores,
         "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "tensorflow": tf.__version__,
@@ -599,6 +614,7 @@ def iapr_scale(args) -> int:
             "what": "IAPR TC-12-sized synthetic photo set: generation, shard build, one "
             "worker's share at 8 workers",
             "cpu_model": cpu_model(),
+            "cpu_features": cpu_features(),
             "cores": len(os.sched_getaffinity(0)),
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "photos": {
