@@ -78,13 +78,21 @@ PATHS = {
 
 
 def cpu_model() -> str:
+    """The model name with the family and model numbers, which tell apart CPUs that a VM names
+    alike ("AMD EPYC": family 25 is Zen 3 or 4, family 26 Zen 5)."""
     try:
+        info = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not line.strip():
+                break  # the first CPU's block is enough
+            info.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        info = {}
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        return f"{name} (family {info['cpu family']}, model {info['model']})"
+    return name
 
 
 def cpu_features() -> list[str]:
