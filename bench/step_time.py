@@ -4,6 +4,7 @@
     python bench/step_time.py --arch advanced --patches 128
     python bench/step_time.py --onednn --batch 8 --patches 128   # bench/results/onednn.json
     python bench/step_time.py --graph --batch 8 --patches 128    # bench/results/step_graph.json
+    python bench/step_time.py --fused-bn --patches 128          # bench/results/step_fused_bn.json
 
 Random tensors, Adam, MAE, fp32, one `tf.function` step; 2 warm-up steps, then `--steps` timed
 ones. Each patch size's figure stands beside the first one's (the ratio), measured in the same
@@ -24,6 +25,13 @@ now runs before the bilinear x2 upsample (3 channels upsampled instead of 64, at
 the decoder's upsamples compute in float32 (under a mixed policy Keras clipped their float32
 result to the 16-bit range before the cast). fp32 and bf16, Base and Advanced, both graphs
 alternated in one process, medians over `--repeats`, each beside `before` (the ratio).
+
+--fused-bn: a probe, not what srtrain builds. The Advanced U-Net's step with Keras 3's
+BatchNormalization (separate reduction and elementwise ops; 16-bit inputs cast to float32
+first) against the same model, same weights, whose BatchNorm layers compute the training-mode
+normalisation with TensorFlow's fused kernel (`FusedBatchNorm` below, on the layer's own input
+dtype). First checks that both give the same training-mode outputs and moving statistics from
+one forward pass, then times both alternated, fp32 and bf16, medians over `--repeats`.
 """
 
 from __future__ import annotations
@@ -99,6 +107,34 @@ def as_before(model: keras.Model, policy: str) -> keras.Model:
     return before
 
 
+def alternated(models_: dict[str, keras.Model], patch: int, a: argparse.Namespace) -> dict:
+    """The train steps of `models_` timed in turn, `a.repeats` times `a.steps` steps after 2
+    warm-up steps each: medians, each beside the first model's (`vs_<its name>`)."""
+    steps = {name: train_step(m, patch, a.batch) for name, m in models_.items()}
+    runs: dict[str, list[float]] = {k: [] for k in steps}
+    for step in steps.values():
+        for _ in range(2):
+            step().numpy()
+    for _ in range(a.repeats):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step().numpy()
+            runs[name].append((time.perf_counter() - t0) / a.steps)
+    first = next(iter(runs))
+    ref = statistics.median(runs[first])
+    out = {}
+    for name, got in runs.items():
+        sec = statistics.median(got)
+        out[name] = {
+            "seconds_per_step": round(sec, 4),
+            "images_per_sec": round(a.batch / sec, 2),
+            f"vs_{first}": round(ref / sec, 3),
+            "runs": [round(x, 4) for x in got],
+        }
+    return out
+
+
 def compare_graphs(a: argparse.Namespace) -> dict:
     """Steps per second of `before` and `now` for each arch and precision, alternated."""
     patch = int(a.patches.split(",")[0])
@@ -110,34 +146,67 @@ def compare_graphs(a: argparse.Namespace) -> dict:
             before = as_before(now, policy)
             probe = tf.random.uniform((2, patch // 2, patch // 2, 3))
             differ = float(tf.reduce_max(tf.abs(now(probe) - before(probe))))
-            steps = {
-                name: train_step(m, patch, a.batch)
-                for name, m in (("before", before), ("now", now))
-            }
-            runs: dict[str, list[float]] = {k: [] for k in steps}
-            for step in steps.values():
-                for _ in range(2):
-                    step().numpy()
-            for _ in range(a.repeats):
-                for name, step in steps.items():
-                    t0 = time.perf_counter()
-                    for _ in range(a.steps):
-                        step().numpy()
-                    runs[name].append((time.perf_counter() - t0) / a.steps)
-            ref = statistics.median(runs["before"])
             row = {"max_output_difference": differ}
-            for name, got in runs.items():
-                s = statistics.median(got)
-                row[name] = {
-                    "seconds_per_step": round(s, 4),
-                    "images_per_sec": round(a.batch / s, 2),
-                    "vs_before": round(ref / s, 3),
-                    "runs": [round(x, 4) for x in got],
-                }
+            row |= alternated({"before": before, "now": now}, patch, a)
             rows[f"{arch} {precision}"] = row
             print(f"{arch} {precision}: before {row['before']['images_per_sec']} img/s, now "
                   f"{row['now']['images_per_sec']} ({row['now']['vs_before']}x); outputs differ "
                   f"by at most {differ:.1e}", flush=True)  # fmt: skip
+    return rows
+
+
+class FusedBatchNorm(layers.BatchNormalization):
+    """BatchNormalization whose training call runs TensorFlow's fused kernel; inference and the
+    weights are Keras' own. The kernel returns the batch variance with Bessel's correction;
+    Keras averages the biased one into the moving variance, so it is scaled back first."""
+
+    def call(self, inputs, training=None, mask=None):
+        if not training:
+            return super().call(inputs, training=training, mask=mask)
+        y, mean, var = tf.compat.v1.nn.fused_batch_norm(
+            inputs, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
+            epsilon=self.epsilon, data_format="NHWC", is_training=True,
+        )  # fmt: skip
+        n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
+        var = var * (n - 1.0) / n
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + var * (1.0 - m))
+        return y
+
+
+def with_fused_bn(model: keras.Model) -> keras.Model:
+    """`model` with each BatchNormalization a FusedBatchNorm; the same weights."""
+
+    def clone(layer):
+        kind = FusedBatchNorm if isinstance(layer, layers.BatchNormalization) else type(layer)
+        return kind.from_config(layer.get_config())
+
+    fused = keras.models.clone_model(model, clone_function=clone)
+    fused.set_weights(model.get_weights())
+    return fused
+
+
+def compare_fused_bn(a: argparse.Namespace) -> dict:
+    """The Advanced step with Keras' BatchNorm and with the fused kernel, alternated."""
+    patch = int(a.patches.split(",")[0])
+    rows = {}
+    for precision, policy in (("fp32", "float32"), ("bf16", "mixed_bfloat16")):
+        flags = dict.fromkeys(ARCH_FLAGS, True)
+        keras_bn = models.build_unet(filters=a.filters, dtype=policy, **flags)
+        fused = with_fused_bn(keras_bn)
+        probe = tf.random.uniform((a.batch, patch // 2, patch // 2, 3), seed=1)
+        outputs = keras_bn(probe, training=True), fused(probe, training=True)
+        differ = float(tf.reduce_max(tf.abs(outputs[0] - outputs[1])))
+        pairs = zip(keras_bn.non_trainable_weights, fused.non_trainable_weights, strict=True)
+        moving = max(float(tf.reduce_max(tf.abs(x - y))) for x, y in pairs)
+        row = {"max_training_output_difference": differ, "max_moving_statistics_difference": moving}
+        row |= alternated({"keras": keras_bn, "fused": fused}, patch, a)
+        rows[f"advanced {precision}"] = row
+        print(f"advanced {precision}: keras {row['keras']['images_per_sec']} img/s, fused "
+              f"{row['fused']['images_per_sec']} ({row['fused']['vs_keras']}x); training outputs "
+              f"differ by at most {differ:.1e}, moving statistics by {moving:.1e}",
+              flush=True)  # fmt: skip
     return rows
 
 
@@ -148,16 +217,21 @@ def onednn_enabled() -> bool:
 
 
 def cpu() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name":
+                model = value
+            elif key in ("cpu family", "model"):
+                ids[key] = value  # "AMD EPYC" names Zen 2 to 5 alike; the family tells
+            elif key == "flags":
+                flags = set(value.split())
                 break
     except OSError:
         pass
+    if len(ids) == 2:
+        model += f" (family {ids['cpu family']}, model {ids['model']})"
     isa = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
     cores = len(os.sched_getaffinity(0))
     return {"model": model, "cores": cores, "flags": [f for f in isa if f in flags]}
@@ -208,7 +282,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--onednn", action="store_true", help="compare TensorFlow's CPU kernels")
     p.add_argument("--graph", action="store_true", help="compare the model's graph with before")
-    p.add_argument("--repeats", type=int, default=3, help="with --onednn and --graph")
+    p.add_argument("--fused-bn", action="store_true", help="probe: Advanced with a fused BatchNorm")
+    p.add_argument("--repeats", type=int, default=3, help="with --onednn, --graph and --fused-bn")
     p.add_argument("--out", help="default bench/results/step_time.json (onednn.json with --onednn)")
     a = p.parse_args()
     results = Path(__file__).parent / "results"
@@ -226,6 +301,11 @@ def main() -> None:
                "keras": keras.__version__, "batch": a.batch, "patch": int(a.patches.split(",")[0]),
                "steps": a.steps, "repeats": a.repeats, "rows": compare_graphs(a)}  # fmt: skip
         path = Path(a.out or results / "step_graph.json")
+    elif a.fused_bn:
+        out = {"cpu": cpu(), "onednn": onednn_enabled(), "tensorflow": tf.__version__,
+               "keras": keras.__version__, "batch": a.batch, "patch": int(a.patches.split(",")[0]),
+               "steps": a.steps, "repeats": a.repeats, "rows": compare_fused_bn(a)}  # fmt: skip
+        path = Path(a.out or results / "step_fused_bn.json")
     else:
         rows = []
         for patch in (int(x) for x in a.patches.split(",")):
