@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -60,6 +59,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from cpu_id import cpu_id
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -77,35 +78,10 @@ PATHS = {
 }
 
 
-def cpu_model() -> str:
-    """The model name with the family and model numbers, which tell apart CPUs that a VM names
-    alike ("AMD EPYC": family 25 is Zen 3 or 4, family 26 Zen 5)."""
-    try:
-        info = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if not line.strip():
-                break  # the first CPU's block is enough
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        info = {}
-    name = info.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in info and "model" in info:
-        return f"{name} (family {info['cpu family']}, model {info['model']})"
-    return name
-
-
 def cpu_features() -> list[str]:
     """Which of the vector and matrix extensions that move these figures the CPU has: "AMD EPYC"
     names both AVX2-only and AVX-512 (bf16) models, which differ here by up to 2x."""
-    try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        return []
+    flags = cpu_id()[1]
     return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
 
 
@@ -263,7 +239,7 @@ def feed(args) -> int:
         "repeats": args.repeats,
         "statistic": "median over repeats",
         "cores": cores,
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_id()[0],
         "cpu_features": cpu_features(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -621,7 +597,7 @@ def iapr_scale(args) -> int:
         {
             "what": "IAPR TC-12-sized synthetic photo set: generation, shard build, one "
             "worker's share at 8 workers",
-            "cpu_model": cpu_model(),
+            "cpu_model": cpu_id()[0],
             "cpu_features": cpu_features(),
             "cores": len(os.sched_getaffinity(0)),
             "load_average_after": [round(x, 2) for x in os.getloadavg()],

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from cpu_id import cpu_id
 from keras import layers
 
 from srtrain import models
@@ -217,21 +217,7 @@ def onednn_enabled() -> bool:
 
 
 def cpu() -> dict:
-    model, flags, ids = platform.processor() or platform.machine(), set(), {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (part.strip() for part in line.partition(":"))
-            if key == "model name":
-                model = value
-            elif key in ("cpu family", "model"):
-                ids[key] = value  # "AMD EPYC" names Zen 2 to 5 alike; the family tells
-            elif key == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    if len(ids) == 2:
-        model += f" (family {ids['cpu family']}, model {ids['model']})"
+    model, flags = cpu_id()
     isa = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16")
     cores = len(os.sched_getaffinity(0))
     return {"model": model, "cores": cores, "flags": [f for f in isa if f in flags]}

@@ -42,6 +42,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cpu_id import cpu_id
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 MODES = {
@@ -236,16 +238,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def machine() -> dict:
-    cpu = ""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    cpu, flags = cpu_id()
     import keras
     import ray
     import tensorflow as tf
