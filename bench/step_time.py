@@ -26,11 +26,12 @@ the decoder's upsamples compute in float32 (under a mixed policy Keras clipped t
 result to the 16-bit range before the cast). fp32 and bf16, Base and Advanced, both graphs
 alternated in one process, medians over `--repeats`, each beside `before` (the ratio).
 
---fused-bn: a probe, not what srtrain builds. The Advanced U-Net's step with Keras 3's
-BatchNormalization (separate reduction and elementwise ops; 16-bit inputs cast to float32
-first) against the same model, same weights, whose BatchNorm layers compute the training-mode
-normalisation with TensorFlow's fused kernel (`FusedBatchNorm` below, on the layer's own input
-dtype). First checks that both give the same training-mode outputs and moving statistics from
+--fused-bn: the Advanced U-Net's step with Keras 3's BatchNormalization (separate reduction
+and elementwise ops; 16-bit inputs cast to float32 first), as srtrain trained it before, against
+the same model, same weights, as srtrain builds it for training now: its BatchNorm layers
+compute the training-mode normalisation with TensorFlow's fused kernel
+(`srtrain.models.FusedBatchNormalization`, on the layer's own input dtype). First checks that
+both give the same training-mode outputs and moving statistics from
 one forward pass, then times both alternated, fp32 and bf16, medians over `--repeats`.
 """
 
@@ -155,46 +156,15 @@ def compare_graphs(a: argparse.Namespace) -> dict:
     return rows
 
 
-class FusedBatchNorm(layers.BatchNormalization):
-    """BatchNormalization whose training call runs TensorFlow's fused kernel; inference and the
-    weights are Keras' own. The kernel returns the batch variance with Bessel's correction;
-    Keras averages the biased one into the moving variance, so it is scaled back first."""
-
-    def call(self, inputs, training=None, mask=None):
-        if not training:
-            return super().call(inputs, training=training, mask=mask)
-        y, mean, var = tf.compat.v1.nn.fused_batch_norm(
-            inputs, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
-            epsilon=self.epsilon, data_format="NHWC", is_training=True,
-        )  # fmt: skip
-        n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
-        var = var * (n - 1.0) / n
-        m = self.momentum
-        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-        self.moving_variance.assign(self.moving_variance * m + var * (1.0 - m))
-        return y
-
-
-def with_fused_bn(model: keras.Model) -> keras.Model:
-    """`model` with each BatchNormalization a FusedBatchNorm; the same weights."""
-
-    def clone(layer):
-        kind = FusedBatchNorm if isinstance(layer, layers.BatchNormalization) else type(layer)
-        return kind.from_config(layer.get_config())
-
-    fused = keras.models.clone_model(model, clone_function=clone)
-    fused.set_weights(model.get_weights())
-    return fused
-
-
 def compare_fused_bn(a: argparse.Namespace) -> dict:
-    """The Advanced step with Keras' BatchNorm and with the fused kernel, alternated."""
+    """The Advanced step with Keras' BatchNorm and with srtrain's fused one, alternated."""
     patch = int(a.patches.split(",")[0])
     rows = {}
     for precision, policy in (("fp32", "float32"), ("bf16", "mixed_bfloat16")):
         flags = dict.fromkeys(ARCH_FLAGS, True)
         keras_bn = models.build_unet(filters=a.filters, dtype=policy, **flags)
-        fused = with_fused_bn(keras_bn)
+        fused = models.build_unet(filters=a.filters, dtype=policy, fused_batch_norm=True, **flags)
+        fused.set_weights(keras_bn.get_weights())
         probe = tf.random.uniform((a.batch, patch // 2, patch // 2, 3), seed=1)
         outputs = keras_bn(probe, training=True), fused(probe, training=True)
         differ = float(tf.reduce_max(tf.abs(outputs[0] - outputs[1])))
@@ -268,7 +238,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--onednn", action="store_true", help="compare TensorFlow's CPU kernels")
     p.add_argument("--graph", action="store_true", help="compare the model's graph with before")
-    p.add_argument("--fused-bn", action="store_true", help="probe: Advanced with a fused BatchNorm")
+    p.add_argument(
+        "--fused-bn", action="store_true", help="Advanced: Keras' BatchNorm vs the fused one"
+    )
     p.add_argument("--repeats", type=int, default=3, help="with --onednn, --graph and --fused-bn")
     p.add_argument("--out", help="default bench/results/step_time.json (onednn.json with --onednn)")
     a = p.parse_args()

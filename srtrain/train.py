@@ -113,7 +113,9 @@ def train_loop(cfg: Config, ctx: Context) -> dict:
     scale = cfg.degradation.scale
 
     with strategy.scope():
-        model = models.from_config(cfg.model, scale, dtype=policy, replicas=replicas)
+        model = models.from_config(
+            cfg.model, scale, dtype=policy, replicas=replicas, fused_batch_norm=True
+        )
         lr_schedule = schedule.learning_rate(cfg.train, base_lr)
         optimizer = make_optimizer(lr_schedule, policy)
         optimizer.build(model.trainable_variables)

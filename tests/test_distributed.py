@@ -85,16 +85,19 @@ def _mirrored_check() -> dict:
     out["replica_weight_spread"] = _replica_spread(strategy, mirrored)
 
     # the Advanced U-Net (BatchNorm) as the loop builds it for 2 replicas: model.sync_batch_norm
-    # unset means synchronised statistics, so 2 x 4 normalises like 1 x 8
+    # unset means synchronised statistics, so 2 x 4 normalises like 1 x 8 (one replica: the
+    # fused kernel, so this also checks it against Keras' synchronised call)
     adv_cfg = load_config(None, ["model.arch=advanced", "model.filters=8"]).model
     keras.utils.set_random_seed(keras_seed)
-    adv_single = models.from_config(adv_cfg, 2)
+    adv_single = models.from_config(adv_cfg, 2, fused_batch_norm=True)
     adv_init = adv_single.get_weights()
     opt4 = train.make_optimizer(1e-3, "float32")
     opt4.build(adv_single.trainable_variables)
     step4 = train.make_train_step(tf.distribute.get_strategy(), adv_single, opt4, losses.mae, 8)
     with strategy.scope():
-        adv = models.from_config(adv_cfg, 2, replicas=strategy.num_replicas_in_sync)
+        adv = models.from_config(
+            adv_cfg, 2, replicas=strategy.num_replicas_in_sync, fused_batch_norm=True
+        )
         adv.set_weights(adv_init)
         opt5 = train.make_optimizer(1e-3, "float32")
         opt5.build(adv.trainable_variables)

@@ -118,3 +118,82 @@ def test_mixed_precision_upsamples_without_a_clip():
     ops = {op.type for op in graph.get_operations()}
     assert "ResizeBilinear" in ops
     assert not ops & {"ClipByValue", "Minimum", "Maximum"}
+
+
+def _advanced_pair(dtype=None, **kw):
+    """The Advanced U-Net as srtrain trains it (fused BatchNorm) and as it saves it (Keras'),
+    with the same random weights (moving statistics away from their initial values)."""
+    flags = dict(leaky_relu=True, strided_conv=True, conv_transpose=True, residual=True)
+    plain = models.build_unet(filters=8, batch_norm=True, dtype=dtype, **flags, **kw)
+    fused = models.build_unet(
+        filters=8, batch_norm=True, dtype=dtype, fused_batch_norm=True, **flags, **kw
+    )
+    rng = np.random.default_rng(3)
+    weights = [
+        rng.uniform(0.5, 1.5, w.shape) if "variance" in w.path else rng.normal(0, 0.3, w.shape)
+        for w in plain.weights
+    ]
+    plain.set_weights(weights)
+    fused.set_weights(weights)
+    return plain, fused
+
+
+def test_the_fused_batch_norm_trains_like_keras():
+    """Same training-mode outputs, gradients and moving-statistics updates as Keras' layer;
+    the same inference; and the BatchNorm layers really are the fused kind."""
+    import tensorflow as tf
+
+    plain, fused = _advanced_pair()
+    bns = [layer for layer in fused.layers if "_bn" in layer.name]
+    assert len(bns) == 10 and all(isinstance(b, models.FusedBatchNormalization) for b in bns)
+    assert not any(isinstance(b, models.FusedBatchNormalization) for b in plain.layers)
+    lr = tf.constant(np.random.default_rng(4).random((4, 16, 24, 3)), tf.float32)
+    hr = tf.constant(np.random.default_rng(5).random((4, 32, 48, 3)), tf.float32)
+
+    def train_call(model):
+        with tf.GradientTape() as tape:
+            out = model(lr, training=True)
+            loss = tf.reduce_mean(tf.abs(out - hr))
+        return out, tape.gradient(loss, model.trainable_variables)
+
+    out_p, grads_p = train_call(plain)
+    out_f, grads_f = tf.function(train_call)(fused)  # the kernel as a train step runs it
+    np.testing.assert_allclose(out_f.numpy(), out_p.numpy(), atol=2e-5)
+    for gp, gf in zip(grads_p, grads_f, strict=True):
+        np.testing.assert_allclose(gf.numpy(), gp.numpy(), atol=2e-5, rtol=1e-3)
+    moving = [i for i, w in enumerate(plain.weights) if "moving" in w.path]
+    assert len(moving) == 20
+    for i in moving:
+        np.testing.assert_allclose(
+            fused.weights[i].numpy(), plain.weights[i].numpy(), atol=1e-5, rtol=1e-5
+        )
+    before = plain.weights[moving[1]].numpy()
+    plain(lr, training=True)
+    assert float(np.max(np.abs(plain.weights[moving[1]].numpy() - before))) > 1e-4  # they moved
+    np.testing.assert_array_equal(plain(lr).numpy(), plain(lr).numpy())
+    fused.set_weights(plain.get_weights())
+    np.testing.assert_allclose(fused(lr).numpy(), plain(lr).numpy(), atol=1e-6)  # inference
+
+
+def test_the_fused_batch_norm_in_bfloat16_stays_close_and_keeps_the_dtypes():
+    import tensorflow as tf
+
+    plain, fused = _advanced_pair(dtype="mixed_bfloat16")
+    lr = tf.constant(np.random.default_rng(6).random((2, 16, 16, 3)), tf.float32)
+    bn = fused.get_layer("enc1_conv1_bn")
+    assert bn.compute_dtype == "bfloat16" and bn.moving_mean.dtype == "float32"
+    out_p, out_f = plain(lr, training=True), tf.function(fused)(lr, training=True)
+    assert out_f.dtype == tf.float32
+    assert float(np.max(np.abs(out_f.numpy() - out_p.numpy()))) < 0.03  # bf16 rounding
+    assert float(np.std(out_f.numpy())) > 0.01
+
+
+def test_synchronised_batch_norm_keeps_keras_call_and_saved_models_hold_built_in_layers():
+    """With sync_batch_norm the layers stay Keras' (the statistics need an all-reduce); the model
+    srtrain saves is built without the fused layer, so plain Keras loads it."""
+    cfg = from_dict({"model": {"arch": "advanced", "filters": 8}}).model
+    synced = models.from_config(cfg, 2, replicas=2, fused_batch_norm=True)
+    bns = [layer for layer in synced.layers if "_bn" in layer.name]
+    assert bns and all(type(b).__name__ == "BatchNormalization" and b.synchronized for b in bns)
+    one = models.from_config(cfg, 2, replicas=1, fused_batch_norm=True)
+    assert all(isinstance(b, models.FusedBatchNormalization) for b in one.layers if "_bn" in b.name)
