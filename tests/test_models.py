@@ -170,7 +170,6 @@ def test_the_fused_batch_norm_trains_like_keras():
     before = plain.weights[moving[1]].numpy()
     plain(lr, training=True)
     assert float(np.max(np.abs(plain.weights[moving[1]].numpy() - before))) > 1e-4  # they moved
-    np.testing.assert_array_equal(plain(lr).numpy(), plain(lr).numpy())
     fused.set_weights(plain.get_weights())
     np.testing.assert_allclose(fused(lr).numpy(), plain(lr).numpy(), atol=1e-6)  # inference
 
@@ -188,9 +187,9 @@ def test_the_fused_batch_norm_in_bfloat16_stays_close_and_keeps_the_dtypes():
     assert float(np.std(out_f.numpy())) > 0.01
 
 
-def test_synchronised_batch_norm_keeps_keras_call_and_saved_models_hold_built_in_layers():
-    """With sync_batch_norm the layers stay Keras' (the statistics need an all-reduce); the model
-    srtrain saves is built without the fused layer, so plain Keras loads it."""
+def test_synchronised_batch_norm_keeps_keras_layer():
+    """With sync_batch_norm the layers stay Keras' (the statistics need an all-reduce between
+    the reduction and the normalisation); with one replica they are the fused kind."""
     cfg = from_dict({"model": {"arch": "advanced", "filters": 8}}).model
     synced = models.from_config(cfg, 2, replicas=2, fused_batch_norm=True)
     bns = [layer for layer in synced.layers if "_bn" in layer.name]

@@ -72,6 +72,8 @@ def test_local_mode_trains_and_leaves_a_complete_run(tmp_path, arch):
     model = keras.saving.load_model(Path(result["checkpoint"], "model.keras"), compile=False)
     x = np.random.default_rng(0).random((1, 16, 16, 3), "float32")
     assert model(x).shape == (1, 32, 32, 3)
+    # built-in layers only (the model that trained had srtrain's fused BatchNorm)
+    assert all(type(layer).__module__.startswith("keras.") for layer in model.layers)
 
 
 def check_name_taken(p, run: str) -> None:
