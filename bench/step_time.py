@@ -254,16 +254,14 @@ def main() -> None:
             got = (f"{k} {v['images_per_sec']} img/s ({v['vs_eigen']}x)" for k, v in by.items())
             print(f"{arch}: " + ", ".join(got))
         path = Path(a.out or results / "onednn.json")
-    elif a.graph:
+    elif a.graph or a.fused_bn:
+        compare, name = (
+            (compare_graphs, "step_graph") if a.graph else (compare_fused_bn, "step_fused_bn")
+        )
         out = {"cpu": cpu(), "onednn": onednn_enabled(), "tensorflow": tf.__version__,
                "keras": keras.__version__, "batch": a.batch, "patch": int(a.patches.split(",")[0]),
-               "steps": a.steps, "repeats": a.repeats, "rows": compare_graphs(a)}  # fmt: skip
-        path = Path(a.out or results / "step_graph.json")
-    elif a.fused_bn:
-        out = {"cpu": cpu(), "onednn": onednn_enabled(), "tensorflow": tf.__version__,
-               "keras": keras.__version__, "batch": a.batch, "patch": int(a.patches.split(",")[0]),
-               "steps": a.steps, "repeats": a.repeats, "rows": compare_fused_bn(a)}  # fmt: skip
-        path = Path(a.out or results / "step_fused_bn.json")
+               "steps": a.steps, "repeats": a.repeats, "rows": compare(a)}  # fmt: skip
+        path = Path(a.out or results / f"{name}.json")
     else:
         rows = []
         for patch in (int(x) for x in a.patches.split(",")):
